@@ -1,0 +1,482 @@
+"""`train(config, callback)`: the one way a config becomes a training run.
+
+The CLI, the tuner and the tests all drive this function; measurement lives inside the loop and leaves
+through the callback (see `trainer.events`), so every caller sees the same numbers.
+
+A run: build (data, student/teacher, optimizer, schedules) -> kNN before training -> steps, the first
+of which form the speed phase (warm-up steps, then timed windows with per-phase timers) -> kNN at the
+configured points and at the end -> summary. Failures (non-finite loss, out of memory, a DataLoader
+worker that died, a compile error) end the run with a `TrainingFailure` reason, returned, not raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainer.augment import MultiCrop
+from trainer.config import ConfigError, TrainConfig
+from trainer.data import EpochBatchSampler, build_splits, collate_batch
+from trainer.events import Callback, SpeedReport, TrainingFailure
+from trainer.knn import extract_features, weighted_knn
+from trainer.loss import DINOLoss
+from trainer.measure import PhaseTimer, peak_memory_mb, summarize_windows
+from trainer.model import DINOHead, MultiCropWrapper, build_backbone
+from trainer.schedules import cosine_schedule
+
+CHECKPOINT = "checkpoint.pt"
+SUMMARY = "summary.json"
+
+
+@dataclass
+class RunResult:
+    """How a run ended: `status` "ok" or "failed", the summary (as in summary.json), the speed phase."""
+
+    status: str
+    summary: dict[str, Any]
+    speed: SpeedReport | None = None
+    failure: dict[str, Any] | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device_type: str) -> "Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: CUDA when available, else CPU; cuda without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("system.device: 'cuda' asked for, but torch sees no CUDA device (use auto or cpu)")
+    return torch.device(name)
+
+
+def classify_failure(exc: BaseException, step: int | None) -> TrainingFailure:
+    """Map an exception from the loop to a failure reason a caller can record."""
+    if isinstance(exc, TrainingFailure):
+        return exc
+    msg = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
+    low = msg.lower()
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in low or "can't allocate memory" in low:
+        return TrainingFailure("oom", msg, step)
+    if "dataloader worker" in low:
+        return TrainingFailure("dataloader", msg, step)
+    if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")) or "backendcompilerfailed" in low:
+        return TrainingFailure("compile", msg, step)
+    return TrainingFailure("error", msg, step)
+
+
+def _injected_fault(step: int) -> str | None:
+    """Test hook: `TRAINER_INJECT_FAULT=oom@N|nan@N|kill@N` triggers that fault at optimizer step N."""
+    spec = os.environ.get("TRAINER_INJECT_FAULT", "")
+    if "@" not in spec:
+        return None
+    kind, at = spec.split("@", 1)
+    return kind if at.isdigit() and int(at) == step else None
+
+
+class Run:
+    """The state of one training run; `execute` is the loop."""
+
+    def __init__(self, cfg: TrainConfig, callback: Callback | None, out_dir: Path | None):
+        self.cfg, self.callback, self.out_dir = cfg, callback, out_dir
+        self.device = resolve_device(cfg.system.device)
+        self.dist = Dist.from_env(self.device.type)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        self.stop_requested = False
+        self.losses: list[float] = []
+        self.evals: list[dict[str, Any]] = []
+        self.step = 0
+
+    # ---- events ---------------------------------------------------------------------------
+
+    def emit(self, event: str, payload: dict[str, Any]) -> None:
+        if self.callback is not None and self.dist.main:
+            if self.callback(event, payload):
+                self.stop_requested = True
+
+    # ---- build ------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        cfg, t0 = self.cfg, time.perf_counter()
+        torch.manual_seed(cfg.system.seed)
+        torch.backends.cuda.matmul.allow_tf32 = cfg.system.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.system.tf32
+        self.splits = build_splits(cfg.data)
+        self.multicrop = MultiCrop(cfg.crops, cfg.augment, self.device)
+        backbone, dim = build_backbone(cfg.model, cfg.crops.global_size)
+        student = MultiCropWrapper(backbone, DINOHead(dim, cfg.model.head), concat=cfg.crops.concat_same_resolution)
+        teacher = copy.deepcopy(student)
+        for p in teacher.parameters():
+            p.requires_grad = False
+        fmt = torch.channels_last if cfg.system.channels_last else torch.contiguous_format
+        student.to(self.device, memory_format=fmt)
+        teacher.to(self.device, memory_format=fmt)
+        student.backbone.grad_checkpointing = cfg.system.grad_checkpointing
+        self.student, self.teacher = student, teacher  # unwrapped modules: EMA, checkpoints, evaluation
+        if self.dist.world > 1:
+            if self.device.type == "cuda":
+                student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+                self.student = student
+            student = torch.nn.parallel.DistributedDataParallel(
+                student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.student_fwd, self.teacher_fwd = student, teacher
+        if cfg.system.compile != "off":
+            mode = None if cfg.system.compile == "default" else cfg.system.compile
+            self.student_fwd = torch.compile(student, mode=mode)
+            self.teacher_fwd = torch.compile(teacher, mode=mode)
+
+        o, world = cfg.optim, self.dist.world
+        self.micro_per_epoch = len(self.splits.train) // (o.batch_size * world)
+        self.steps_per_epoch = self.micro_per_epoch // o.accumulation_steps
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"optim.batch_size={o.batch_size} x accumulation_steps={o.accumulation_steps} x {world} process(es) "
+                f"is larger than the {len(self.splits.train)} training images")
+        self.total_steps = cfg.budget.steps or cfg.budget.epochs * self.steps_per_epoch
+        self.images_per_step = o.batch_size * o.accumulation_steps * world
+        spe, total = self.steps_per_epoch, self.total_steps
+        base_lr = o.lr * self.images_per_step / 256.0
+        self.lr = cosine_schedule(base_lr, o.min_lr, total, int(o.warmup_epochs * spe))
+        self.wd = cosine_schedule(o.weight_decay, o.weight_decay_end, total)
+        self.momentum = cosine_schedule(o.momentum_teacher, 1.0, total)
+        self.freeze_last_steps = int(o.freeze_last_layer_epochs * spe)
+        decay = [p for n, p in self.student.named_parameters() if p.requires_grad and p.ndim > 1 and not n.endswith("bias")]
+        no_decay = [p for n, p in self.student.named_parameters() if p.requires_grad and (p.ndim <= 1 or n.endswith("bias"))]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=base_lr, fused=o.fused or None)
+        self.last_layer_params = [p for n, p in self.student.named_parameters() if "last_layer" in n]
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.system.precision == "fp16" else None
+        views = cfg.crops.global_crops + cfg.crops.local_crops
+        lc = cfg.loss
+        self.dino_loss = DINOLoss(
+            cfg.model.head.out_dim, cfg.crops.global_crops, views, lc.student_temp, lc.teacher_temp,
+            lc.warmup_teacher_temp, int(lc.warmup_teacher_temp_epochs * spe), total, lc.center_momentum, lc.pairing,
+        ).to(self.device)
+        self.sampler = EpochBatchSampler(len(self.splits.train), o.batch_size, cfg.system.seed, 0, 0, self.dist.rank, world)
+        s = cfg.system
+        self.loader = torch.utils.data.DataLoader(
+            self.splits.train, batch_sampler=self.sampler, collate_fn=collate_batch, num_workers=s.num_workers,
+            pin_memory=s.pin_memory and self.device.type == "cuda", prefetch_factor=s.prefetch_factor,
+            persistent_workers=s.persistent_workers,
+        )
+        self.timer = PhaseTimer(self.device)
+        self.student_params = [p for p in self.student.parameters()]
+        self.teacher_params = [p for p in self.teacher.parameters()]
+        self.build_s = time.perf_counter() - t0
+        n_params = sum(p.numel() for p in self.student.parameters()) / 1e6
+        self.emit("build", {"build_s": self.build_s, "device": str(self.device), "images_per_step": self.images_per_step,
+                            "params_m": round(n_params, 3), "steps_per_epoch": spe, "total_steps": total})
+
+    # ---- one optimizer step -------------------------------------------------------------------
+
+    def autocast(self):
+        p = self.cfg.system.precision
+        if p == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
+
+    def train_step(self, batches) -> float:
+        """One optimizer step over `accumulation_steps` micro-batches; returns the mean loss."""
+        cfg, step, timer = self.cfg, self.step, self.timer
+        accum, g = cfg.optim.accumulation_steps, self._step_generator()
+        fmt = torch.channels_last if cfg.system.channels_last else torch.contiguous_format
+        fault = _injected_fault(step)
+        if fault == "kill":
+            os._exit(137)
+        if fault == "oom":
+            raise torch.OutOfMemoryError("injected: out of memory (TRAINER_INJECT_FAULT)")
+        total_loss = torch.zeros((), device=self.device)
+        timer.start()
+        for micro in range(accum):
+            images = next(batches)
+            timer.mark("data")
+            views = [v.contiguous(memory_format=fmt) for v in self.multicrop(images, g)]
+            timer.mark("augment")
+            sync = self.student_fwd.no_sync() if micro < accum - 1 and self.dist.world > 1 else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    with torch.no_grad():
+                        teacher_out = self.teacher_fwd(views[: cfg.crops.global_crops])
+                    timer.mark("teacher_forward")
+                    student_out = self.student_fwd(views)
+                    timer.mark("student_forward")
+                    loss = self.dino_loss(student_out, teacher_out, step)
+                    if fault == "nan":
+                        loss = loss * float("nan")
+                    timer.mark("loss")
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                timer.mark("backward")
+            total_loss += loss.detach()
+        loss_value = total_loss.item() / accum
+        if not math.isfinite(loss_value):
+            raise TrainingFailure("nan", f"loss is {loss_value}", step)
+        self.optimizer_step(step)
+        timer.mark("optimizer")
+        self.ema_update(self.momentum[step])
+        timer.mark("ema")
+        return loss_value
+
+    def _step_generator(self) -> torch.Generator:
+        # Augmentation randomness depends on (seed, step, rank) only, so a resumed run repeats it exactly.
+        return torch.Generator().manual_seed((self.cfg.system.seed * 1_000_003 + self.step) * 101 + self.dist.rank)
+
+    def optimizer_step(self, step: int) -> None:
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = self.lr[step]
+            if i == 0:
+                group["weight_decay"] = self.wd[step]
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.optim.clip_grad
+        grads = [p.grad for p in self.student_params if p.grad is not None]
+        if clip > 0 and grads:
+            # DINO clips each parameter's gradient norm separately (utils.clip_gradients).
+            norms = torch._foreach_norm(grads)
+            scale = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
+            torch._foreach_mul_(grads, scale)
+        if step < self.freeze_last_steps:
+            for p in self.last_layer_params:
+                p.grad = None
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def ema_update(self, m: float) -> None:
+        torch._foreach_mul_(self.teacher_params, m)
+        torch._foreach_add_(self.teacher_params, self.student_params, alpha=1.0 - m)
+
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, Any]:
+        """Weighted kNN of the teacher backbone (train split as bank, validation split as queries)."""
+        result: dict[str, Any] = {"step": self.step, "epoch": self.step / self.steps_per_epoch}
+        if self.dist.main:
+            e, size = self.cfg.eval, self.cfg.crops.global_size
+            view = lambda batch: self.multicrop.plain(batch, size)  # noqa: E731
+            with self.autocast():
+                bank = extract_features(self.teacher.backbone, self.splits.train, view, e.batch_size)
+                queries = extract_features(self.teacher.backbone, self.splits.val, view, e.batch_size)
+            top1, top5 = weighted_knn(bank, self.splits.train_labels, queries, self.splits.val_labels,
+                                      e.knn_k, e.knn_temperature, self.splits.num_classes)
+            result.update(knn_top1=top1, knn_top5=top5)
+            self.evals.append(result)
+            self.emit("eval", result)
+        if self.dist.world > 1:
+            dist.barrier()
+        return result
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+
+    def save_checkpoint(self, extra: dict[str, Any]) -> None:
+        if self.out_dir is None or not self.dist.main:
+            return
+        state = {
+            "config": self.cfg.to_dict(), "step": self.step, "losses": self.losses, "evals": self.evals,
+            "student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "center": self.dino_loss.center,
+            "scaler": self.scaler.state_dict() if self.scaler else None, **extra,
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.out_dir / (CHECKPOINT + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.out_dir / CHECKPOINT)
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        path = self.out_dir / CHECKPOINT if self.out_dir else None
+        if path is None or not path.is_file():
+            raise ConfigError(f"--resume: no checkpoint at {path}")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state["config"] != self.cfg.to_dict():
+            raise ConfigError(f"--resume: {path} was written by a different config; resume with the same config")
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.dino_loss.center.copy_(state["center"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.losses, self.evals = state["step"], state["losses"], state["evals"]
+        return state
+
+
+def train(config: TrainConfig, callback: Callback | None = None, out_dir: str | Path | None = None,
+          resume: bool = False, speed_only: bool = False) -> RunResult:
+    """Run `config` to its budget (or only its speed phase) and return how it went.
+
+    `callback(event, payload)` receives the events in `trainer.events`; `out_dir` (rank 0) receives
+    checkpoints and `summary.json`; `resume` continues from `out_dir`'s checkpoint. A `ConfigError`
+    (a user's mistake) is raised; any failure during the run is returned as `status="failed"`.
+    """
+    run = Run(config, callback, Path(out_dir) if out_dir is not None else None)
+    t_start = time.perf_counter()
+    try:
+        run.build()
+        return _loop(run, resume, speed_only, t_start)
+    except ConfigError:
+        raise
+    except Exception as exc:  # a failed run is a result, with a reason
+        failure = classify_failure(exc, run.step).as_dict()
+        run.emit("failure", failure)
+        summary = {"status": "failed", "failure": failure, "steps": run.step, "wall_s": time.perf_counter() - t_start}
+        _write_summary(run, summary)
+        return RunResult("failed", summary, None, failure, run.losses)
+    finally:
+        if run.dist.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult:
+    cfg, m = run.cfg, run.cfg.measure
+    state = run.load_checkpoint() if resume else {}
+    knn_initial = state.get("knn_initial")
+    speed: SpeedReport | None = None
+    if state.get("speed"):
+        speed = SpeedReport(**state["speed"])
+    if not resume and cfg.eval.at_start and not speed_only:
+        knn_initial = run.evaluate()
+    speed_steps = m.warmup_steps + m.windows * m.window_steps
+    windows: list[float] = []
+    window_time = data_time = timed_steps = 0.0
+    step_times: list[float] = []
+    first_step_s = 0.0
+    train_time, t_log, log_every = 0.0, time.perf_counter(), max(1, min(50, run.steps_per_epoch))
+    stop_reason = None
+    while run.step < run.total_steps and not run.stop_requested:
+        epoch, start = divmod(run.step, run.steps_per_epoch)
+        run.sampler.epoch, run.sampler.start = epoch, start * cfg.optim.accumulation_steps
+        batches = iter(run.loader)
+        for _ in range(start, run.steps_per_epoch):
+            in_speed_phase = speed is None and run.step < speed_steps
+            run.timer.enabled = in_speed_phase and run.step >= m.warmup_steps
+            t0 = time.perf_counter()
+            loss = run.train_step(batches)
+            if run.device.type == "cuda" and in_speed_phase:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            train_time += dt
+            if run.step == 0:
+                first_step_s = dt
+            run.losses.append(loss)
+            run.step += 1
+            if run.timer.enabled:
+                window_time += dt
+                timed_steps += 1
+                step_times.append(dt)
+                if timed_steps % m.window_steps == 0:
+                    tp = m.window_steps * run.images_per_step / window_time
+                    windows.append(tp)
+                    wait = run.timer.totals.get("data", 0.0) / max(1e-9, sum(step_times))
+                    run.emit("window", {"step": run.step, "window": len(windows), "throughput_img_s": tp,
+                                        "data_wait_fraction": wait})
+                    window_time = 0.0
+                    if len(windows) == m.windows:
+                        speed = _speed_report(run, windows, step_times, first_step_s)
+                        run.emit("speed", speed.as_dict())
+            if run.step % log_every == 0 or run.step == run.total_steps:
+                now = time.perf_counter()
+                run.emit("log", {"step": run.step, "epoch": run.step / run.steps_per_epoch, "loss": loss,
+                                 "lr": float(run.lr[run.step - 1]), "total_steps": run.total_steps,
+                                 "throughput_img_s": log_every * run.images_per_step / max(1e-9, now - t_log)})
+                t_log = now
+            if speed_only and speed is not None:
+                run.stop_requested = True
+            if cfg.budget.time_limit_s and train_time >= cfg.budget.time_limit_s:
+                stop_reason = "time_limit"
+            if run.stop_requested or stop_reason or run.step >= run.total_steps:
+                break
+            if cfg.eval.every_steps and run.step % cfg.eval.every_steps == 0:
+                run.evaluate()
+            if cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0:
+                run.save_checkpoint({"knn_initial": knn_initial, "speed": speed.as_dict() if speed else None})
+        else:  # the epoch ran to its end
+            if cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0 and run.step < run.total_steps:
+                run.evaluate()
+            if not cfg.checkpoint_every_steps:
+                run.save_checkpoint({"knn_initial": knn_initial, "speed": speed.as_dict() if speed else None})
+            continue
+        break
+    if speed is None and step_times:
+        speed = _speed_report(run, windows or [len(step_times) * run.images_per_step / sum(step_times)], step_times, first_step_s)
+    final = run.evaluate() if not speed_only else {}
+    run.save_checkpoint({"knn_initial": knn_initial, "speed": speed.as_dict() if speed else None})
+    summary = _summary(run, speed, knn_initial, final, train_time, time.perf_counter() - t_start,
+                       stopped_early=run.stop_requested and not speed_only, stop_reason=stop_reason)
+    _write_summary(run, summary)
+    run.emit("done", summary)
+    return RunResult("ok", summary, speed, None, run.losses)
+
+
+def _speed_report(run: Run, windows: list[float], step_times: list[float], first_step_s: float) -> SpeedReport:
+    median, spread = summarize_windows(windows)
+    timed = sum(step_times)
+    phases = run.timer.per_step_ms(len(step_times))
+    mem, kind = peak_memory_mb(run.device)
+    step_ms = 1000.0 * timed / len(step_times)
+    compile_s = max(0.0, first_step_s - step_ms / 1000.0) if run.cfg.system.compile != "off" else 0.0
+    return SpeedReport(
+        throughput_img_s=median, throughput_spread=spread, throughput_windows=windows,
+        data_wait_fraction=run.timer.totals.get("data", 0.0) / timed if timed else 0.0,
+        phases_ms=phases, step_ms=step_ms, peak_memory_mb=mem, memory_kind=kind,
+        images_per_step=run.images_per_step, warmup_steps=run.cfg.measure.warmup_steps,
+        timed_steps=len(step_times), first_step_s=first_step_s, compile_s=compile_s, build_s=run.build_s,
+    )
+
+
+def _summary(run: Run, speed: SpeedReport | None, initial, final, train_time: float, wall: float, **extra) -> dict:
+    mem, kind = peak_memory_mb(run.device)
+    s = speed.as_dict() if speed else {}
+    return {
+        "status": "ok",
+        "knn_top1": final.get("knn_top1"), "knn_top5": final.get("knn_top5"),
+        "knn_top1_initial": (initial or {}).get("knn_top1"), "knn_top5_initial": (initial or {}).get("knn_top5"),
+        "throughput_img_s": s.get("throughput_img_s"), "throughput_spread": s.get("throughput_spread"),
+        "data_wait_fraction": s.get("data_wait_fraction"), "phases_ms": s.get("phases_ms"),
+        "train_throughput_img_s": run.step * run.images_per_step / train_time if train_time else None,
+        "peak_memory_mb": mem, "memory_kind": kind, "steps": run.step,
+        "epochs": run.step / run.steps_per_epoch, "wall_s": wall, "train_s": train_time,
+        "build_s": run.build_s, "compile_s": s.get("compile_s", 0.0), "images_per_step": run.images_per_step,
+        "final_loss": run.losses[-1] if run.losses else None, "device": str(run.device), "world_size": run.dist.world,
+        "evals": run.evals, "failure": None, **extra,
+    }
+
+
+def _write_summary(run: Run, summary: dict) -> None:
+    if run.out_dir is not None and run.dist.main:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        (run.out_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=float))

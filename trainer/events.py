@@ -1,0 +1,76 @@
+"""What a training run tells its caller, and how a run ends.
+
+`trainer.train(config, callback=...)` calls `callback(event, payload)` with plain dicts (JSON-able, so
+the tuner can store them and the CLI can print them). The events, in order:
+
+- ``"build"``: ``{"build_s", "device", "images_per_step", "params_m"}`` once the model and data exist.
+- ``"window"``: one timed window of the speed phase: ``{"step", "window", "throughput_img_s",
+  "data_wait_fraction"}``.
+- ``"speed"``: the speed phase's measurement (see `SpeedReport`), after its last window.
+- ``"log"``: ``{"step", "epoch", "loss", "lr", "throughput_img_s"}`` every few steps.
+- ``"eval"``: ``{"step", "epoch", "knn_top1", "knn_top5"}`` at each kNN evaluation (step 0 is the
+  evaluation before training).
+- ``"failure"``: ``{"reason", "message", "step"}`` when the run fails (see `FAIL_REASONS`).
+- ``"done"``: the run's summary (the same dict as ``summary.json``).
+
+A callback that returns ``True`` asks the run to stop after the current step; the run then ends with
+``summary["stopped_early"] = True`` (used by callers that prune).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+Callback = Callable[[str, dict[str, Any]], Optional[bool]]
+
+#: Reasons a run can fail with; callers record them as-is.
+FAIL_REASONS = ("oom", "nan", "dataloader", "compile", "timeout", "error")
+
+
+class TrainingFailure(RuntimeError):
+    """A run that could not go on, with a machine-readable reason (one of `FAIL_REASONS`)."""
+
+    def __init__(self, reason: str, message: str, step: int | None = None):
+        super().__init__(f"{reason}: {message}" + (f" (step {step})" if step is not None else ""))
+        self.reason = reason
+        self.message = message
+        self.step = step
+
+    def as_dict(self) -> dict[str, Any]:
+        """The failure as the ``"failure"`` event payload."""
+        return {"reason": self.reason, "message": self.message, "step": self.step}
+
+
+@dataclass
+class SpeedReport:
+    """The speed phase, measured end to end including data loading; warm-up excluded.
+
+    ``throughput_img_s`` is the median over windows; ``throughput_spread`` is (max - min) / median of
+    the windows. ``phases_ms`` is the mean time per optimizer step in each phase, ``data_wait_fraction``
+    the share of step time spent waiting for the next batch (loader + host-to-device copy).
+    """
+
+    throughput_img_s: float
+    throughput_spread: float
+    throughput_windows: list[float]
+    data_wait_fraction: float
+    phases_ms: dict[str, float]
+    step_ms: float
+    peak_memory_mb: float
+    memory_kind: str
+    images_per_step: int
+    warmup_steps: int
+    timed_steps: int
+    first_step_s: float
+    compile_s: float
+    build_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for events, JSON and the tuner's storage."""
+        return asdict(self)
+
+
+#: The phases timed per step, in the order a step runs them.
+PHASES = ("data", "augment", "teacher_forward", "student_forward", "loss", "backward", "optimizer", "ema")
