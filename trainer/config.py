@@ -260,8 +260,9 @@ class TrainConfig(_Strict):
         """Load YAML from `path` (None: the embedded default), then apply `key=value` overrides."""
         path = Path(path) if path is not None else default_config_path()
         data = read_yaml_mapping(path)
-        data = apply_overrides(data, overrides or [], source=str(path))
-        return cls.from_dict(data, source=str(path))
+        source = f"{path} (with --set {' '.join(overrides)})" if overrides else str(path)
+        data = apply_overrides(data, overrides or [], source=source)
+        return cls.from_dict(data, source=source)
 
     def with_overrides(self, overrides: dict[str, Any] | list[str], source: str = "<overrides>") -> "TrainConfig":
         """A copy with dotted-path overrides applied (a dict of values or a list of `k=v` strings)."""

@@ -1,0 +1,153 @@
+"""The `trainer` command: `trainer train` runs a config to its budget, `trainer bench` runs its speed phase."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from trainer.config import ConfigError, TrainConfig, default_config_path
+from trainer.table import format_table
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trainer", description="Train DINO from one YAML config, or measure its speed.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a config (default: the embedded digits default) and evaluate kNN")
+    t.add_argument("config", nargs="?", help=f"TrainConfig YAML (default: {default_config_path()})")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set model.head.out_dim=32768 (repeatable)")
+    t.add_argument("--out", type=Path, help="run folder for checkpoints and summary.json (default: runs/<config>-<time>)")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (default: the latest run of this config)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    b = sub.add_parser("bench", help="run only the measured speed phase and print the measurement")
+    b.add_argument("config", nargs="?", help="TrainConfig YAML (default: the embedded default)")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    b.add_argument("--json", action="store_true", help="print the measurement as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; user mistakes print one line and return 2, failed runs return 1."""
+    args = _parser().parse_args(argv)
+    try:
+        cfg = TrainConfig.load(args.config, args.overrides)
+        if args.command == "bench":
+            return _bench(cfg, args)
+        return _train(cfg, args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _run_dir(args, cfg_path: Path) -> Path:
+    if args.out is not None:
+        return args.out
+    stem = cfg_path.stem
+    if args.resume:
+        previous = sorted(Path("runs").glob(f"{stem}-*"))
+        if not previous:
+            raise ConfigError(f"--resume: no earlier run of {cfg_path} under runs/ (pass --out DIR)")
+        return previous[-1]
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # every rank must agree on the folder
+        return Path("runs") / f"{stem}-{os.environ['TORCHELASTIC_RUN_ID']}"
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _train(cfg: TrainConfig, args) -> int:
+    from trainer.engine import train
+
+    out = _run_dir(args, Path(args.config) if args.config else default_config_path())
+    progress = _Progress(enabled=not args.quiet and _is_main_rank())
+    if _is_main_rank():
+        print(f"training -> {out}" + (" (resuming)" if args.resume else ""), file=sys.stderr)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+    result = train(cfg, callback=progress, out_dir=out, resume=args.resume)
+    progress.close()
+    if not _is_main_rank():
+        return 0 if result.status == "ok" else 1
+    if result.status != "ok":
+        f = result.failure
+        print(f"training failed: {f['reason']}: {f['message']} (step {f['step']}); details in {out / 'summary.json'}", file=sys.stderr)
+        return 1
+    s = result.summary
+    rows = [
+        ("kNN top-1 (%)", s["knn_top1_initial"], s["knn_top1"]),
+        ("kNN top-5 (%)", s["knn_top5_initial"], s["knn_top5"]),
+    ]
+    print(format_table(["metric", "before", "after"], rows))
+    print(format_table(["measure", "value"], [
+        ("throughput (img/s, speed phase)", s["throughput_img_s"]),
+        ("throughput spread (max-min)/median", s["throughput_spread"]),
+        ("training throughput (img/s)", s["train_throughput_img_s"]),
+        (f"peak memory (MiB, {s['memory_kind']})", s["peak_memory_mb"]),
+        ("steps", s["steps"]), ("epochs", s["epochs"]), ("wall time (s)", s["wall_s"]),
+    ]))
+    print(f"summary: {out / 'summary.json'}")
+    return 0
+
+
+def _bench(cfg: TrainConfig, args) -> int:
+    from trainer.engine import train
+
+    result = train(cfg, speed_only=True)
+    if result.status != "ok":
+        f = result.failure
+        print(f"bench failed: {f['reason']}: {f['message']} (step {f['step']})", file=sys.stderr)
+        return 1
+    sp = result.speed.as_dict()
+    if args.json:
+        print(json.dumps(sp, indent=2))
+        return 0
+    print(format_table(["measure", "value"], [
+        ("throughput (img/s, median of windows)", sp["throughput_img_s"]),
+        ("spread (max-min)/median", sp["throughput_spread"]),
+        ("windows (img/s)", ", ".join(f"{w:.1f}" for w in sp["throughput_windows"])),
+        ("data wait fraction", sp["data_wait_fraction"]),
+        ("step (ms)", sp["step_ms"]),
+        (f"peak memory (MiB, {sp['memory_kind']})", sp["peak_memory_mb"]),
+        ("build (s)", sp["build_s"]), ("first step (s)", sp["first_step_s"]), ("compile (s)", sp["compile_s"]),
+    ]))
+    print(format_table(["phase", "ms/step", "share"], [
+        (name, ms, f"{100 * ms / sp['step_ms']:.1f}%") for name, ms in sp["phases_ms"].items()
+    ]))
+    return 0
+
+
+class _Progress:
+    """A tqdm bar over optimizer steps with loss, throughput and ETA; evaluations printed above it."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar = enabled, None
+
+    def __call__(self, event: str, payload: dict) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if event == "build":
+            self.bar = tqdm(total=payload["total_steps"], unit="step", dynamic_ncols=True, file=sys.stderr)
+        elif event == "log" and self.bar is not None:
+            self.bar.update(payload["step"] - self.bar.n)
+            self.bar.set_postfix(loss=f"{payload['loss']:.3f}", img_s=f"{payload['throughput_img_s']:.0f}")
+        elif event == "eval":
+            msg = f"kNN at step {payload['step']}: top-1 {payload['knn_top1']:.1f}%, top-5 {payload['knn_top5']:.1f}%"
+            (self.bar.write if self.bar else print)(msg, file=sys.stderr)
+        elif event == "speed":
+            msg = f"speed phase: {payload['throughput_img_s']:.1f} img/s (spread {100 * payload['throughput_spread']:.0f}%), data wait {100 * payload['data_wait_fraction']:.0f}%"
+            (self.bar.write if self.bar else print)(msg, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
