@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from trainer.config import DataConfig
+from trainer.config import ConfigError, DataConfig
 
 
 @dataclass
@@ -230,22 +230,33 @@ def _imagefolder(cfg: DataConfig) -> Splits:
     from torchvision.datasets import ImageFolder
 
     if not cfg.root.is_dir():
-        raise FileNotFoundError(f"data.root {cfg.root} is not a folder")
+        raise ConfigError(f"data.root: {cfg.root} is not a folder (imagefolder needs one sub-folder per class)")
     base = ImageFolder(str(cfg.root))
     return _labelled_split(DecodedImages(base, cfg.image_size), base.targets, cfg, len(base.classes))
+
+
+def _torchvision_set(cls, cfg: DataConfig, **kwargs):
+    """A torchvision data set from `data.root`; missing files are a user error unless download is allowed."""
+    try:
+        return cls(str(cfg.root), download=cfg.download, **kwargs)
+    except RuntimeError as exc:
+        if "download" not in str(exc).lower() and "not found" not in str(exc).lower():
+            raise
+        raise ConfigError(
+            f"data.root: no {cfg.dataset} files in {cfg.root}; set data.download: true to download them") from None
 
 
 def _cifar10(cfg: DataConfig) -> Splits:
     from torchvision.datasets import CIFAR10
 
-    base = CIFAR10(str(cfg.root), train=True, download=cfg.download)
+    base = _torchvision_set(CIFAR10, cfg, train=True)
     return _labelled_split(DecodedImages(base, cfg.image_size), base.targets, cfg, 10)
 
 
 def _stl10(cfg: DataConfig) -> Splits:
     from torchvision.datasets import STL10
 
-    base = STL10(str(cfg.root), split="train", download=cfg.download)
+    base = _torchvision_set(STL10, cfg, split="train")
     return _labelled_split(DecodedImages(base, cfg.image_size), base.labels.tolist(), cfg, 10)
 
 
