@@ -1,0 +1,106 @@
+"""`tuner explain`: which knob bought how much speed, measured on this machine.
+
+The winner differs from the baseline in a handful of knobs. Each knob is first measured alone on the
+baseline (to order them by measured gain); then the path baseline -> +knob1 -> +knob2 ... -> winner is
+measured in interleaved rounds. Every bar in the report's waterfall is one of those measurements,
+never a number inferred from the sampler. The result is stored in the study (user attribute
+`explain`) so the report can draw it later.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Callable
+
+import optuna
+
+from trainer.config import ConfigError, TrainConfig
+from trainer.table import format_table
+from tuner.remeasure import config_of, interleaved, measure_throughput, ratio_stats
+from tuner.select import baseline_trial, pick
+
+# Fields that say how a trial is measured or seeded, not how it trains; never counted as knobs.
+IGNORED = ("system.seed",)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def knob_groups(base: TrainConfig, target: TrainConfig) -> list[dict[str, Any]]:
+    """The differing fields as knobs; a field that is not valid alone (e.g. prefetch_factor without
+    workers) is merged with the knob it depends on, so every group applies cleanly to the baseline."""
+    a, b = flatten(base.to_dict()), flatten(target.to_dict())
+    diffs = [{k: b[k]} for k in b if a.get(k) != b[k] and k not in IGNORED]
+    groups: list[dict[str, Any]] = []
+    pending: dict[str, Any] = {}
+    for d in diffs:
+        pending.update(d)
+        try:
+            base.with_overrides(pending)
+        except ConfigError:
+            continue  # needs a companion field; keep collecting
+        groups.append(pending)
+        pending = {}
+    if pending:  # only valid together with everything before it
+        (groups[-1].update(pending) if groups else groups.append(pending))
+    return groups
+
+
+def explain(study: optuna.Study, policy: str = "fastest", rounds: int = 3, echo: Callable[[str], None] = print,
+            measure: Callable[[TrainConfig], float] = measure_throughput) -> dict[str, Any]:
+    """Measure the baseline-to-winner path one knob at a time; store and return it."""
+    base_t, win_t = baseline_trial(study), pick(study, policy)
+    if base_t is None:
+        raise ConfigError(f"study {study.study_name!r} has no completed baseline to explain against")
+    base, target = config_of(base_t), config_of(win_t)
+    groups = knob_groups(base, target)
+    if not groups:
+        raise ConfigError(f"trial {win_t.number} has the baseline's configuration; nothing to explain")
+    echo(f"{len(groups)} knob(s) differ between baseline trial {base_t.number} and trial {win_t.number}; "
+         "measuring each alone on the baseline to order them")
+    alone = interleaved([base] + [base.with_overrides(g) for g in groups], 1, echo,
+                        ["baseline"] + [_label(g, base) for g in groups], measure)
+    gains = [a[0] / alone[0][0] for a in alone[1:]]
+    order = sorted(range(len(groups)), key=lambda i: -gains[i])
+    path, cfg = [base], base
+    for i in order:
+        cfg = cfg.with_overrides(groups[i])
+        path.append(cfg)
+    echo(f"measuring the path baseline -> winner, {rounds} interleaved round(s)")
+    labels = ["baseline"] + [f"+ {_label(groups[i], base)}" for i in order]
+    results = interleaved(path, rounds, echo, labels, measure)
+    steps = []
+    for n, i in enumerate(order, start=1):
+        step_speedup, _, _ = ratio_stats(results[n], results[n - 1])
+        cumulative, spread, _ = ratio_stats(results[n], results[0])
+        key = ", ".join(groups[i])
+        from_v = ", ".join(str(flatten(base.to_dict()).get(k)) for k in groups[i])
+        to_v = ", ".join(str(v) for v in groups[i].values())
+        steps.append({"knob": key, "from": from_v, "to": to_v, "alone_speedup": gains[i],
+                      "throughput_img_s": statistics.median(results[n]), "step_speedup": step_speedup,
+                      "cumulative_speedup": cumulative, "spread": spread, "rounds": results[n]})
+    record = {"baseline_trial": base_t.number, "winner_trial": win_t.number, "policy": policy, "rounds": rounds,
+              "baseline_throughput_img_s": statistics.median(results[0]), "baseline_rounds": results[0], "steps": steps}
+    study.set_user_attr("explain", record)
+    return record
+
+
+def format_explain(record: dict[str, Any]) -> str:
+    """knob, from, to, throughput, step speedup, cumulative speedup, spread."""
+    rows = [("baseline", "", "", record["baseline_throughput_img_s"], "", "1.00x", "")]
+    for s in record["steps"]:
+        rows.append((s["knob"], s["from"], s["to"], s["throughput_img_s"], f"{s['step_speedup']:.2f}x",
+                     f"{s['cumulative_speedup']:.2f}x", f"±{s['spread']:.2f}x"))
+    return format_table(["knob", "from", "to", "img/s", "step", "cumulative", "spread"], rows)
+
+
+def _label(group: dict[str, Any], base: TrainConfig) -> str:
+    return ", ".join(f"{k}={v}" for k, v in group.items())
