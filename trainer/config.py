@@ -109,13 +109,14 @@ class ModelConfig(_Strict):
     """Backbone and head."""
 
     backbone: Literal["resnet18", "resnet50", "vit_tiny", "vit_small"] = Field("resnet18", description="torchvision backbone.")
-    stem: Literal["imagenet", "cifar"] = Field(
-        "imagenet", description="ResNet stem: imagenet (7x7/2 conv + max-pool) or cifar (3x3/1 conv, no pool)."
+    stem: Literal["imagenet", "small", "cifar"] = Field(
+        "imagenet",
+        description="ResNet stem: imagenet (7x7/2 conv + max-pool, input/4), small (3x3/1 conv + max-pool, "
+        "input/2: a 2x2 last stage at 32 px) or cifar (3x3/1 conv, no pool, input/1).",
     )
     width: int = Field(64, ge=8, le=256, description="ResNet: channels of the first stage (64 is torchvision's).")
     patch_size: int = Field(16, ge=2, le=32, description="ViT patch size.")
     vit_depth: int | None = Field(None, ge=1, le=24, description="ViT: number of blocks (None: 12).")
-    drop_path: float = Field(0.0, ge=0.0, lt=1.0, description="Unused by ResNet; kept for ViT recipes.")
     head: HeadConfig = Field(default_factory=HeadConfig)
 
 

@@ -136,11 +136,14 @@ def digits_canvases(digits: np.ndarray, cfg: DataConfig, seed: int) -> np.ndarra
     out = np.empty((n, 3, size, size), dtype=np.uint8)
     digit_t = torch.from_numpy(digits.astype(np.float32) / 16.0)[:, None]  # [N,1,8,8]
     for i in range(n):
-        bg = rng.uniform(0.0, 1.0, size=3).astype(np.float32)
+        # Muted colours: a grey level with a small tint. Fully random hues made colour the easiest way
+        # to tell two views of one canvas apart from the rest, a shortcut that needs no digit at all.
+        level = rng.uniform(0.15, 0.85)
+        bg = (level + rng.uniform(-0.15, 0.15, size=3)).astype(np.float32)
         grad = rng.uniform(-0.25, 0.25, size=3).astype(np.float32)
         canvas = bg[:, None, None] + grad[:, None, None] * (yy[None] / size - 0.5)
         for _ in range(cfg.clutter):
-            colour = rng.uniform(0.0, 1.0, size=3).astype(np.float32)
+            colour = (rng.uniform(0.0, 1.0) + rng.uniform(-0.15, 0.15, size=3)).astype(np.float32)
             x0, y0 = rng.uniform(0, size, size=2)
             angle = rng.uniform(0, math.pi)
             length = rng.uniform(0.2, 0.5) * size
@@ -152,7 +155,9 @@ def digits_canvases(digits: np.ndarray, cfg: DataConfig, seed: int) -> np.ndarra
         glyph = torch.nn.functional.interpolate(digit_t[i : i + 1], size=(side, side), mode="bilinear", align_corners=False)
         glyph = glyph[0, 0].clamp(0, 1).numpy()
         top, left = rng.integers(0, size - side + 1, size=2)
-        fg = (bg + rng.uniform(0.35, 0.65, size=3)) % 1.0  # contrasting colour
+        # The digit contrasts with the background in brightness (darker on light, lighter on dark).
+        shift = rng.uniform(0.35, 0.6) * (1.0 if level < 0.5 else -1.0)
+        fg = np.clip(level + shift + rng.uniform(-0.15, 0.15, size=3), 0.0, 1.0)
         region = canvas[:, top : top + side, left : left + side]
         canvas[:, top : top + side, left : left + side] = region * (1 - glyph) + fg[:, None, None].astype(np.float32) * glyph
         canvas = canvas + rng.normal(0.0, cfg.noise_std, size=canvas.shape).astype(np.float32)

@@ -151,6 +151,8 @@ class Run:
                 self.student = student
             student = torch.nn.parallel.DistributedDataParallel(
                 student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # DDP has just broadcast rank 0's weights to every rank; the teacher starts from those too.
+            teacher.load_state_dict(self.student.state_dict())
         self.student_fwd, self.teacher_fwd = student, teacher
         if cfg.system.compile != "off":
             mode = None if cfg.system.compile == "default" else cfg.system.compile

@@ -61,7 +61,9 @@ class DINOLoss(nn.Module):
         return float(self.teacher_temps[min(step, len(self.teacher_temps) - 1)])
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, step: int) -> torch.Tensor:
-        student_out, teacher_out = student_out.float(), teacher_out.float()
+        # Softmax over tens of thousands of prototypes needs at least fp32: upcast bf16/fp16, never downcast.
+        dtype = torch.promote_types(student_out.dtype, torch.float32)
+        student_out, teacher_out = student_out.to(dtype), teacher_out.to(dtype)
         logp = F.log_softmax(student_out / self.student_temp, dim=-1).chunk(self.n_views)
         q = F.softmax((teacher_out - self.center) / self.teacher_temp(step), dim=-1).detach().chunk(self.n_global)
         q_sum = torch.stack(q).sum(0)

@@ -15,21 +15,46 @@ VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6)}
 def build_backbone(cfg: ModelConfig, image_size: int) -> tuple[nn.Module, int]:
     """A torchvision backbone with its classifier removed, and its feature dimension."""
     if cfg.backbone.startswith("resnet"):
-        return ResNetBackbone(cfg), {"resnet18": 512, "resnet50": 2048}[cfg.backbone]
+        expansion = {"resnet18": 1, "resnet50": 4}[cfg.backbone]
+        return ResNetBackbone(cfg), 8 * cfg.width * expansion
     dim, heads = VIT_SIZES[cfg.backbone]
     return ViTBackbone(cfg, image_size, dim, heads), dim
 
 
+def _resnet(name: str, width: int) -> nn.Module:
+    """torchvision's resnet18/resnet50 with `width` channels in the first stage (64: torchvision's own)."""
+    import torchvision
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    if width == 64:
+        return getattr(torchvision.models, name)(weights=None)
+
+    class _Scaled(ResNet):
+        def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+            if planes == 64:  # first stage: the stem below outputs `width` channels
+                self.inplanes = width
+            return super()._make_layer(block, planes * width // 64, blocks, stride, dilate)
+
+    block, layers = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}[name]
+    net = _Scaled(block, layers)
+    net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision's ResNet
+    net.bn1 = nn.BatchNorm2d(width)
+    return net
+
+
 class ResNetBackbone(nn.Module):
-    """torchvision ResNet without `fc`; `stem="cifar"` swaps in a 3x3 stride-1 conv and drops the max-pool."""
+    """torchvision ResNet without `fc`. Stems: imagenet (7x7/2 conv + 3x3/2 max-pool, /4), small (3x3/1
+    conv + max-pool, /2: for 32 px inputs, where the imagenet stem leaves the last stage 1x1) and cifar
+    (3x3/1 conv, no pool, /1)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        import torchvision
-
-        net = getattr(torchvision.models, cfg.backbone)(weights=None)
+        net = _resnet(cfg.backbone, cfg.width)
+        if cfg.stem in ("cifar", "small"):
+            net.conv1 = nn.Conv2d(3, cfg.width, kernel_size=3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
         if cfg.stem == "cifar":
-            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
             net.maxpool = nn.Identity()
         net.fc = nn.Identity()
         self.net = net

@@ -1,0 +1,153 @@
+"""The measured loop: the speed report, the order of events, stopping from a callback, failures returned
+with a reason (never raised), and the `trainer train` / `trainer bench` commands end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from trainer import FAIL_REASONS, TrainConfig, train
+from trainer.cli import main
+from trainer.events import PHASES
+
+from trainer_tiny import TINY_STEPS_PER_EPOCH, one_thread, tiny_config  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def measured_run():
+    """One tiny run of 6 steps (1 warm-up step, then 2 windows of 2 steps), with every event recorded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    events: list[tuple[str, dict]] = []
+    result = train(tiny_config(), callback=lambda event, payload: events.append((event, payload)))
+    torch.set_num_threads(before)
+    return result, events
+
+
+def test_speed_report_has_the_configured_windows_and_sane_numbers(measured_run):
+    result, _ = measured_run
+    assert result.status == "ok"
+    sp = result.speed
+    assert len(sp.throughput_windows) == 2 and sp.timed_steps == 4 and sp.warmup_steps == 1
+    assert all(w > 0 for w in sp.throughput_windows)
+    assert min(sp.throughput_windows) <= sp.throughput_img_s <= max(sp.throughput_windows)
+    assert sp.throughput_spread == pytest.approx(
+        (max(sp.throughput_windows) - min(sp.throughput_windows)) / sp.throughput_img_s)
+    assert sp.images_per_step == 16
+    assert set(sp.phases_ms) == set(PHASES)
+    assert all(ms >= 0 for ms in sp.phases_ms.values())
+    for phase in ("augment", "teacher_forward", "student_forward", "backward", "optimizer"):
+        assert sp.phases_ms[phase] > 0, phase
+    assert sum(sp.phases_ms.values()) <= sp.step_ms * 1.05
+    assert 0.0 <= sp.data_wait_fraction <= 1.0
+    assert sp.peak_memory_mb > 0 and sp.memory_kind == "cpu_peak_rss"
+    assert sp.build_s > 0 and sp.first_step_s > 0 and sp.compile_s == 0.0
+
+
+def test_events_arrive_in_order(measured_run):
+    result, events = measured_run
+    names = [e for e, _ in events]
+    assert names[0] == "build" and names[-1] == "done"
+    assert names[1] == "eval" and events[1][1]["step"] == 0
+    window_at = [i for i, n in enumerate(names) if n == "window"]
+    speed_at = names.index("speed")
+    assert len(window_at) == 2 and window_at[-1] < speed_at
+    assert [events[i][1]["window"] for i in window_at] == [1, 2]
+    assert [events[i][1]["step"] for i in window_at] == [3, 5]  # 1 warm-up step, then windows of 2
+    final_eval = max(i for i, n in enumerate(names) if n == "eval")
+    assert speed_at < final_eval < len(names) - 1 and events[final_eval][1]["step"] == 6
+    logs = [p for e, p in events if e == "log"]
+    assert [p["step"] for p in logs] == [3, 6] and all(p["loss"] > 0 for p in logs)
+    assert "failure" not in names
+    assert events[-1][1] == result.summary
+    build = events[0][1]
+    assert build["images_per_step"] == 16 and build["total_steps"] == 6 and build["steps_per_epoch"] == TINY_STEPS_PER_EPOCH
+
+
+def test_summary_of_a_finished_run(measured_run):
+    result, events = measured_run
+    s = result.summary
+    assert s["status"] == "ok" and s["steps"] == 6 and s["epochs"] == 6 / TINY_STEPS_PER_EPOCH
+    assert s["stopped_early"] is False and s["failure"] is None
+    assert len(result.losses) == 6 and all(loss > 0 for loss in result.losses)
+    assert s["final_loss"] == result.losses[-1]
+    for key in ("knn_top1", "knn_top5", "knn_top1_initial"):
+        assert 0.0 <= s[key] <= 100.0
+    assert s["knn_top5"] >= s["knn_top1"]
+    assert s["throughput_img_s"] == result.speed.throughput_img_s
+    assert s["wall_s"] >= s["train_s"] > 0
+
+
+def test_callback_returning_true_stops_the_run_early():
+    seen: list[str] = []
+
+    def stop_at_first_log(event, payload):
+        seen.append(event)
+        return event == "log"
+
+    result = train(tiny_config(eval__at_start=False), callback=stop_at_first_log)
+    assert result.status == "ok"
+    assert result.summary["stopped_early"] is True
+    assert result.summary["steps"] == TINY_STEPS_PER_EPOCH < 6
+    assert len(result.losses) == TINY_STEPS_PER_EPOCH
+    assert seen.count("log") == 1 and seen[-1] == "done"
+
+
+# ---- failures ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec,reason,step", [("nan@2", "nan", 2), ("oom@1", "oom", 1)])
+def test_injected_fault_ends_the_run_with_its_reason(spec, reason, step, monkeypatch, tmp_path):
+    monkeypatch.setenv("TRAINER_INJECT_FAULT", spec)
+    events: list[tuple[str, dict]] = []
+    result = train(tiny_config(eval__at_start=False), callback=lambda e, p: events.append((e, p)), out_dir=tmp_path)
+    assert result.status == "failed" and reason in FAIL_REASONS
+    assert result.failure["reason"] == reason and result.failure["step"] == step
+    assert len(result.losses) == step  # the steps before the fault completed
+    assert events[-1] == ("failure", result.failure)
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["status"] == "failed" and written["failure"]["reason"] == reason and written["steps"] == step
+
+
+def test_dead_dataloader_worker_is_reason_dataloader(monkeypatch):
+    # The worker process calls os._exit(1) while fetching its second batch: a real worker death.
+    monkeypatch.setenv("TRAINER_INJECT_FAULT", "dataloader@2")
+    result = train(tiny_config(eval__at_start=False, system__num_workers=1))
+    assert result.status == "failed"
+    assert result.failure["reason"] == "dataloader"
+    assert "exited unexpectedly" in result.failure["message"]
+    assert result.failure["step"] <= 2
+
+
+# ---- the commands ------------------------------------------------------------------------------
+
+
+def test_cli_train_writes_summary_config_and_checkpoint(tmp_path, capsys):
+    cfg_path = tiny_config().save(tmp_path / "tiny.yaml")
+    out = tmp_path / "run"
+    assert main(["train", str(cfg_path), "--out", str(out), "--quiet"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "ok" and s["steps"] == 6 and s["epochs"] == 2.0
+    for key in ("knn_top1", "knn_top5", "knn_top1_initial"):
+        assert 0.0 <= s[key] <= 100.0
+    assert s["throughput_img_s"] > 0 and s["peak_memory_mb"] > 0 and s["wall_s"] > 0
+    assert s["world_size"] == 1 and s["device"] == "cpu"
+    assert (out / "checkpoint.pt").is_file()
+    assert TrainConfig.load(out / "config.yaml") == tiny_config()
+    stdout = capsys.readouterr().out
+    assert "kNN top-1 (%)" in stdout and str(out / "summary.json") in stdout
+
+
+def test_cli_bench_json_prints_the_speed_report(tmp_path, capsys):
+    cfg_path = tiny_config(eval__at_start=False).save(tmp_path / "tiny.yaml")
+    assert main(["bench", str(cfg_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["throughput_img_s"] > 0 and report["throughput_spread"] >= 0
+    assert 0.0 <= report["data_wait_fraction"] <= 1.0
+    assert set(report["phases_ms"]) == set(PHASES) and report["peak_memory_mb"] > 0
+    assert report["timed_steps"] == 4 and len(report["throughput_windows"]) == 2
+    assert not (tmp_path / "runs").exists()
