@@ -1,0 +1,117 @@
+"""SearchSpace parsing, one-line errors, conditions, and that malformed or changed spaces leave databases untouched."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import optuna
+import pytest
+
+from trainer.config import ConfigError
+from tuner.searcher import sample_params, trial_config
+from tuner.space import CLASSIC_BASELINE, SearchSpace
+from tuner.study import baseline_params, open_study
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", ["smoke", "speed", "quality"])
+def test_shipped_spaces_load_and_build_valid_baseline_configs(name):
+    space = SearchSpace.load(ROOT / "search_spaces" / f"{name}.yaml")
+    assert space.name == name
+    config = trial_config(space, baseline_params(space), "baseline", None)
+    for path, value in space.baseline.items():
+        node = config.to_dict()
+        for part in path.split("."):
+            node = node[part]
+        assert node == value
+
+
+def test_baseline_defaults_to_the_classic_dino_settings(tmp_path, tiny_space):
+    path = tiny_space(tmp_path, "dflt")
+    text = path.read_text().replace("baseline:\n  crops.local_crops: 2\n  model.head.out_dim: 64\n", "")
+    path.write_text(text)
+    space = SearchSpace.load(path)
+    assert space.baseline == CLASSIC_BASELINE
+    assert space.baseline["crops.local_crops"] == 8 and space.baseline["model.head.out_dim"] == 65536
+
+
+@pytest.mark.parametrize("sections, expected", [
+    ({"bogus": 1}, "unknown field 'bogus'; allowed keys: name, base, baseline, params"),
+    ({"params": {"crops.nope": {"choices": [1]}}}, "params.crops.nope: not a TrainConfig field"),
+    ({"params": {"crops.local_crops": {"choices": [0, 99]}}}, "params.crops.local_crops: value 99 is not allowed"),
+    ({"params": {"crops.local_crops": {"low": 4, "high": 2}}}, "params.crops.local_crops: low (4.0) must be <= high"),
+    ({"params": {"crops.local_crops": {"choices": [1], "lo": 2}}}, "unknown field 'params.crops.local_crops.lo'; allowed keys: choices, low"),
+    ({"params": {"system.prefetch_factor": {"choices": [2], "when": "system.num_workers >> 0"}}}, "must look like"),
+    ({"pruner": {"speed": {"name": "FastPruner"}}}, "pruner.speed.name: unknown pruner 'FastPruner'"),
+    ({"pruner": {"quality": {"name": "MedianPruner", "args": {"n_startup": 2}}}}, "MedianPruner arguments"),
+    ({"sampler": {"name": "cmaes"}}, "sampler.name: must be 'tpe', 'nsga2', 'random' or 'grid'"),
+    ({"baseline": {"crops.local_crops": -1}}, "baseline: crops.local_crops"),
+    ({"trial": {"steps": 2}}, "must be <= steps"),
+    ({"name": "bad name"}, "name: String should match pattern"),
+])
+def test_malformed_space_is_one_line_naming_file_and_field(tmp_path, tiny_space, sections, expected):
+    path = tiny_space(tmp_path, "bad", **sections)
+    with pytest.raises(ConfigError) as info:
+        SearchSpace.load(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(str(path)), message
+    assert expected in message, message
+
+
+def test_cli_rejects_malformed_space_with_exit_2_and_leaves_database_untouched(tmp_path, tiny_space, capsys, monkeypatch):
+    from tuner.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'kept.db'}"
+    good = SearchSpace.load(tiny_space(tmp_path, "kept"))
+    open_study(good, url)
+    before = hashlib.sha256((tmp_path / "kept.db").read_bytes()).hexdigest()
+    bad = tiny_space(tmp_path, "kept", params={"crops.local_crops": {"choices": [0, 99]}})
+    assert main(["run", str(bad), "--storage", url]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and "params.crops.local_crops" in err
+    assert hashlib.sha256((tmp_path / "kept.db").read_bytes()).hexdigest() == before
+
+
+def test_changed_choices_get_a_clear_message_not_optunas_dynamic_value_space_error(tmp_path, tiny_space, capsys):
+    from tuner.cli import main
+
+    url = f"sqlite:///{tmp_path / 'edit.db'}"
+    open_study(SearchSpace.load(tiny_space(tmp_path, "edit")), url)
+    before = hashlib.sha256((tmp_path / "edit.db").read_bytes()).hexdigest()
+    edited = tiny_space(tmp_path, "edit", params={"crops.local_crops": {"choices": [0, 2, 4]}})
+    assert main(["run", str(edited), "--storage", url]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "params.crops.local_crops.choices ([0, 2] -> [0, 2, 4]): changed since study 'edit'" in err and "new name" in err and "\n" not in err
+    assert hashlib.sha256((tmp_path / "edit.db").read_bytes()).hexdigest() == before
+
+
+def test_new_study_enqueues_baseline_first_at_each_noise_seed(tmp_path, tiny_space):
+    space = SearchSpace.load(tiny_space(tmp_path, "q", constraints={"knn_noise_seeds": 3}))
+    study = open_study(space, f"sqlite:///{tmp_path / 'q.db'}")
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.user_attrs["role"] for t in waiting] == ["baseline", "baseline_noise", "baseline_noise"]
+    assert [t.user_attrs["seed"] for t in waiting] == [0, 1, 2]
+    assert [t.number for t in waiting] == [0, 1, 2]
+    assert study.user_attrs["space_fingerprint"] == space.fingerprint()
+    assert {"device", "cpu_model", "cpu_cores", "torch", "cuda"} <= set(study.user_attrs["hardware"])
+
+
+def test_conditional_knob_is_sampled_only_when_its_condition_holds(tmp_path, tiny_space):
+    space = SearchSpace.load(tiny_space(tmp_path, "cond", sampler={"name": "random", "seed": 1}, params={
+        "system.num_workers": {"choices": [0, 1]},
+        "system.prefetch_factor": {"choices": [2, 4], "when": "system.num_workers > 0"},
+        "optim.lr": {"low": 1e-4, "high": 1e-3, "log": True},
+    }))
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=space.build_sampler())
+    seen = set()
+    for _ in range(12):
+        params = sample_params(study.ask(), space, "search")
+        assert ("system.prefetch_factor" in params) == (params["system.num_workers"] > 0)
+        assert 1e-4 <= params["optim.lr"] <= 1e-3
+        trial_config(space, params, "search", None)  # every sampled combination is a valid TrainConfig
+        seen.add(params["system.num_workers"])
+    assert seen == {0, 1}

@@ -1,0 +1,202 @@
+"""End to end with a real local Ray: trials run through Ray Tune and land in the study with the right states.
+
+One study injects a fault per trial through the trainer's TRAINER_INJECT_FAULT hook (a grid over
+none / oom / nan / kill), with a quality pruner that prunes every search trial whose kNN is below 101.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from trainer.config import TrainConfig
+
+pytestmark = pytest.mark.slow
+
+FAULTS = ["none", "oom@2", "nan@2", "kill@2"]
+
+
+@pytest.fixture(scope="module")
+def fault_study(ray_session, tiny_space, tmp_path_factory):
+    """Run the fault-injection study once (baseline at two seeds + one trial per fault)."""
+    from tuner import run
+
+    folder = tmp_path_factory.mktemp("faults")
+    old = os.getcwd()
+    os.chdir(folder)
+    try:
+        path = tiny_space(folder, "faults", params={"env.TRAINER_INJECT_FAULT": {"choices": FAULTS}},
+                          sampler={"name": "grid"}, budget={"n_trials": 6},
+                          pruner={"quality": {"name": "ThresholdPruner", "args": {"lower": 101}}})
+        lines: list[str] = []
+        summary = run(path, progress=lines.append)
+        yield folder, summary, lines
+    finally:
+        os.chdir(old)
+
+
+def _by_fault(study):
+    return {t.params.get("env.TRAINER_INJECT_FAULT", t.user_attrs["role"]): t for t in study.trials}
+
+
+def test_states_match_injected_faults(fault_study):
+    folder, summary, lines = fault_study
+    study = optuna.load_study(study_name="faults", storage=f"sqlite:///{folder}/studies/faults.db")
+    trials = _by_fault(study)
+    assert trials["baseline"].number == 0 and trials["baseline"].state == TrialState.COMPLETE
+    assert trials["baseline_noise"].state == TrialState.COMPLETE and trials["baseline_noise"].user_attrs["seed"] == 1
+    pruned = trials["none"]
+    assert pruned.state == TrialState.PRUNED and pruned.values is None
+    assert pruned.user_attrs["pruned_phase"] == "quality" and "ThresholdPruner" in pruned.user_attrs["prune_reason"]
+    assert pruned.user_attrs["time_saved_s"] > 0
+    oom = trials["oom@2"]
+    assert oom.user_attrs["fail_reason"] == "oom"
+    assert oom.state == TrialState.COMPLETE and oom.values == [0.0, 0.0] and max(oom.constraints.values()) > 0
+    assert trials["nan@2"].state == TrialState.FAIL and trials["nan@2"].user_attrs["fail_reason"] == "nan"
+    assert trials["kill@2"].state == TrialState.FAIL and trials["kill@2"].user_attrs["fail_reason"] == "killed"
+    assert summary.states == {"COMPLETE": 3, "PRUNED": 1, "FAIL": 2}
+    assert summary.fail_reasons == {"oom": 1, "nan": 1, "killed": 1}
+    assert len(lines) >= 6 and any("trial 6/6" in line for line in lines)
+    assert list((folder / "studies" / "faults").glob("run-*")), "Ray's files belong under studies/<name>/"
+
+
+def test_baseline_numbers_noise_and_per_trial_measurements_are_stored(fault_study):
+    folder, summary, _ = fault_study
+    study = optuna.load_study(study_name="faults", storage=f"sqlite:///{folder}/studies/faults.db")
+    attrs = study.user_attrs
+    base, noise = study.trials[0], study.trials[1]
+    assert attrs["baseline_trial"] == 0
+    assert attrs["knn_noise_points"] == pytest.approx(abs(base.values[1] - noise.values[1]))
+    assert attrs["knn_tolerance_effective"] >= max(attrs["knn_noise_points"], 1.0)
+    for t in (base, noise):
+        u = t.user_attrs
+        assert u["throughput_img_s"] == t.values[0] > 0 and u["knn_top1"] == t.values[1]
+        assert set(u["phases_ms"]) >= {"data", "student_forward", "backward", "optimizer"}
+        assert u["peak_memory_mb"] > 0 and u["hardware"]["cpu_cores"] >= 1 and "torch" in u["hardware"]
+        assert u["config"]["system"]["seed"] == u["seed"]
+        assert TrainConfig.from_dict(u["config"]).budget.steps == 4  # the base's budget, not the trial's
+        assert sorted(t.intermediate_values) == [0, 4, 8] and "speedup" in u
+    assert base.user_attrs["speedup"] == pytest.approx(1.0)
+
+
+def test_plain_optuna_reopens_the_same_trials_and_attributes(fault_study):
+    folder, summary, _ = fault_study
+    study = optuna.load_study(study_name="faults", storage=f"sqlite:///{folder}/studies/faults.db")
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE] * 2
+    assert study.metric_names == ["throughput_img_s", "knn_top1"]
+    assert [(r.number, r.state) for r in summary.trials] == [(t.number, t.state.name) for t in study.trials]
+    assert {t.number for t in study.best_trials} <= {0, 1}
+    summaries = optuna.get_all_study_summaries(f"sqlite:///{folder}/studies/faults.db")
+    assert [s.study_name for s in summaries] == ["faults"] and summaries[0].n_trials == 6
+
+
+def test_status_export_and_the_exported_config_trains(fault_study, capsys, tmp_path):
+    from trainer.cli import main as trainer_main
+    from tuner.cli import main
+
+    folder, _, _ = fault_study
+    url = f"sqlite:///{folder}/studies/faults.db"
+    assert main(["status", url]) == 0
+    out = capsys.readouterr().out
+    assert "trials: 3 COMPLETE, 2 FAIL, 1 PRUNED" in out and "Pareto set" in out and "baseline: trial 0" in out
+    target = tmp_path / "best.yaml"
+    assert main(["export", url, "--pick", "trial:0", "-o", str(target)]) == 0
+    text = target.read_text()
+    assert text.startswith("# Exported by `tuner export --pick trial:0` from study 'faults', trial 0")
+    assert "img/s" in text and "speedup x1.00" in text and "kNN top-1" in text and "Hardware: cpu" in text
+    config = TrainConfig.load(target)
+    assert config.model.width == 8 and config.crops.local_crops == 2
+    assert trainer_main(["train", str(target), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
+
+
+def test_confirm_measures_winner_and_baseline_interleaved(fault_study):
+    from tuner.confirm import confirm
+    from tuner.study import load
+
+    folder, _, _ = fault_study
+    lines: list[str] = []
+    study = load(f"sqlite:///{folder}/studies/faults.db")
+    outcome = confirm(study, "trial:1", rounds=2, progress=lines.append)
+    assert [line.split(":")[1].split("(")[0].strip() for line in lines[:4]] == ["winner", "baseline", "winner", "baseline"]
+    assert len(outcome["speedups"]) == 2 and outcome["speedup_min"] <= outcome["speedup_median"] <= outcome["speedup_max"]
+    again = load(f"sqlite:///{folder}/studies/faults.db")
+    assert again.user_attrs["confirm"]["trial"] == 1
+    assert again.user_attrs["confirmed_speedups"]["1"] == pytest.approx(outcome["speedup_median"])
+
+
+def test_interrupted_study_continues_without_loss_or_duplicates(ray_session, tiny_space, tmp_path, monkeypatch):
+    from tuner import run
+
+    monkeypatch.chdir(tmp_path)
+    path = tiny_space(tmp_path, "resume", constraints={"knn_noise_seeds": 1}, budget={"n_trials": 2})
+    first = run(path, progress=None)
+    assert first.states == {"COMPLETE": 2}
+    url = f"sqlite:///{tmp_path}/studies/resume.db"
+    study = optuna.load_study(study_name="resume", storage=url)
+    kept = {t.number: (t.datetime_start, t.values) for t in study.trials}
+    crashed = study.ask()  # a driver that died mid-trial leaves it RUNNING
+    crashed.suggest_categorical("crops.local_crops", [0, 2])
+    lines: list[str] = []
+    second = run(path, n_trials=3, progress=lines.append)
+    study = optuna.load_study(study_name="resume", storage=url)
+    numbers = [t.number for t in study.trials]
+    assert numbers == list(range(len(numbers))) == [0, 1, 2, 3]
+    assert {n: (study.trials[n].datetime_start, study.trials[n].values) for n in kept} == kept
+    assert study.trials[2].state == TrialState.FAIL and study.trials[2].user_attrs["fail_reason"] == "interrupted"
+    rerun = study.trials[3]
+    assert rerun.state == TrialState.COMPLETE and rerun.user_attrs["rerun_of"] == 2 and rerun.params == crashed.params
+    assert any("interrupted" in line for line in lines)
+    assert second.states == {"COMPLETE": 3, "FAIL": 1}
+    # a finished study is not run again
+    third = run(path, n_trials=3, progress=lines.append)
+    assert len(third.trials) == 4 and "already has 3 of 3 trials" in lines[-1]
+
+
+def test_killed_driver_leaves_no_trace_after_the_study_is_run_again(ray_session, tiny_space, tmp_path, monkeypatch):
+    """SIGKILL the `tuner run` process mid-trial; running it again marks that trial interrupted and reruns it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tuner import run
+
+    monkeypatch.chdir(tmp_path)
+    path = tiny_space(tmp_path, "crash", constraints={"knn_noise_seeds": 1}, budget={"n_trials": 3},
+                      trial={"steps": 24, "eval_every_steps": 8})
+    address = ray_session.get_runtime_context().gcs_address
+    driver = subprocess.Popen([sys.executable, "-m", "tuner.cli", "run", str(path), "--address", address],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"sqlite:///{tmp_path}/studies/crash.db"
+    deadline = time.monotonic() + 240
+    running = []
+    while time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(1.0)
+        try:
+            study = optuna.load_study(study_name="crash", storage=url)
+        except Exception:
+            continue
+        running = [t for t in study.trials if t.state == TrialState.RUNNING and t.number >= 1]
+        if running:
+            time.sleep(2.0)  # inside the trial, not at its start
+            break
+    assert running, "the driver never reached a search trial"
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    victim = running[0].number
+    run(path, progress=None)
+    study = optuna.load_study(study_name="crash", storage=url)
+    numbers = [t.number for t in study.trials]
+    assert numbers == list(range(len(numbers)))
+    assert study.trials[victim].state == TrialState.FAIL and study.trials[victim].user_attrs["fail_reason"] == "interrupted"
+    reruns = [t for t in study.trials if t.user_attrs.get("rerun_of") == victim]
+    assert len(reruns) == 1 and reruns[0].state == TrialState.COMPLETE and reruns[0].params == study.trials[victim].params
+    assert study.trials[0].state == TrialState.COMPLETE and study.trials[0].user_attrs["role"] == "baseline"
+    counted = [t for t in study.trials if t.user_attrs.get("fail_reason") != "interrupted"]
+    assert len(counted) == 3

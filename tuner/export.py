@@ -1,0 +1,56 @@
+"""`tuner export`: a trial's complete `TrainConfig` as YAML, with a header saying where it came from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+
+from trainer.config import TrainConfig
+from tuner.select import baseline_trial, is_feasible, pick
+
+
+def export(study: optuna.Study, policy: str = "fastest", out: str | Path | None = None) -> tuple[Path, str]:
+    """Write the picked trial's config to `out` (default studies/<name>-<pick>.yaml); returns (path, header)."""
+    trial = pick(study, policy)
+    config = TrainConfig.from_dict(trial.user_attrs["config"], source=f"study {study.study_name} trial {trial.number}")
+    header = export_header(study, trial, policy)
+    path = Path(out) if out else Path("studies") / f"{study.study_name}-trial{trial.number}.yaml"
+    config.save(path, header=header)
+    return path, header
+
+
+def export_header(study: optuna.Study, trial: optuna.trial.FrozenTrial, policy: str) -> str:
+    """Study, trial, measured throughput, speedup, kNN (with its noise) and hardware, as comment lines."""
+    u, s = trial.user_attrs, study.user_attrs
+    base = baseline_trial(study)
+    hw = u.get("hardware") or s.get("hardware") or {}
+    lines = [f"Exported by `tuner export --pick {policy}` from study {study.study_name!r}, trial {trial.number} "
+             f"({u.get('role', 'search')}).",
+             f"Measured throughput: {u.get('throughput_img_s', 0):.1f} img/s (window spread {100 * (u.get('throughput_spread') or 0):.0f}%)"
+             + (f", speedup x{u['speedup']:.2f} over the baseline (trial {base.number}, {base.values[0]:.1f} img/s)."
+                if u.get("speedup") is not None and base is not None else ".")]
+    if u.get("knn_top1") is not None:
+        knn = f"kNN top-1: {u['knn_top1']:.2f}% (before training {u.get('knn_top1_initial') or 0:.2f}%)"
+        if s.get("baseline_knn_top1") is not None:
+            noise = s.get("knn_noise_points")
+            knn += f"; baseline {s['baseline_knn_top1']:.2f}%"
+            knn += f", noise {noise:.2f} points" if noise is not None else ", noise not measured"
+            if u.get("knn_within_noise"):
+                knn += "; the difference is within noise"
+        lines.append(knn + ".")
+    if not is_feasible(trial):
+        lines.append("WARNING: this trial is not feasible (its kNN or memory constraint is violated).")
+    confirm = s.get("confirm")
+    if confirm and confirm.get("trial") == trial.number:
+        lines.append(f"Confirmed speedup (interleaved A/B, {confirm['rounds']} rounds): x{confirm['speedup_median']:.2f} "
+                     f"(range {confirm['speedup_min']:.2f}-{confirm['speedup_max']:.2f}).")
+    if s.get("quality_warning"):
+        lines.append(f"WARNING: {s['quality_warning']}.")
+    lines.append(f"Hardware: {hw.get('device', '?')}, {hw.get('cpu_model', '?')} x{hw.get('cpu_cores', '?')} cores, "
+                 f"torch {hw.get('torch', '?')}, CUDA {hw.get('cuda')}.")
+    if trial.params:
+        lines.append("Searched knobs: " + ", ".join(f"{k}={v}" for k, v in trial.params.items()) + ".")
+    lines.append("Trials measured a short budget; this file keeps the base config's full-training budget. "
+                 "Run it with: trainer train THIS_FILE.yaml")
+    return "\n".join(lines)

@@ -1,0 +1,334 @@
+"""The Ray Tune searcher that owns the Optuna study: ask in `suggest`, tell in `on_trial_complete`.
+
+Only this object (in the driver) writes the study. It asks Optuna for a trial (baseline trials come
+first, from the queue), samples the knobs define-by-run (so conditions work), validates the resulting
+`TrainConfig` before any Ray work, and tells Optuna how the trial ended:
+
+- COMPLETE with (throughput, kNN) and the feasibility constraints, or
+- PRUNED with the phase and the pruner's reason (from the pruning bridge's ledger), or
+- FAIL with `fail_reason` (nan, dataloader, compile, timeout, killed, error, invalid_config).
+
+Out-of-memory is the exception: it is told COMPLETE at (0 img/s, 0 kNN) with violated constraints, so
+samplers that learn from constraints learn where memory runs out (`fail_reason` is still "oom").
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+
+from trainer.config import ConfigError, TrainConfig, apply_overrides
+from tuner.pruning import PruningBridge
+from tuner.space import ENV_PREFIX, SearchSpace
+from tuner.study import BASELINE_ROLES, baseline_params, baseline_trials, counted_trials
+
+
+@dataclass
+class Live:
+    """A trial Ray is running: the Optuna trial object and what we know so far."""
+
+    trial: optuna.trial.Trial
+    role: str
+    started: float
+    intermediate: dict[str, dict[int, float]]
+
+
+def sample_params(trial: optuna.trial.Trial, space: SearchSpace, role: str) -> dict[str, Any]:
+    """Suggest each knob in file order, skipping knobs whose conditions fail (define-by-run)."""
+    only = set(baseline_params(space)) if role in BASELINE_ROLES else None
+    base = space.base_config().to_dict()
+    values: dict[str, Any] = {}
+
+    def lookup(path: str) -> Any:
+        if path in values:
+            return values[path]
+        if only is not None and path in space.baseline:
+            return space.baseline[path]
+        node: Any = base
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    for name, param in space.params.items():
+        if only is not None and name not in only:
+            continue
+        if not all(cond.holds(lookup(cond.path)) for cond in param.conditions()):
+            continue
+        dist = param.distribution()
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            values[name] = trial.suggest_categorical(name, list(dist.choices))
+        elif isinstance(dist, optuna.distributions.IntDistribution):
+            values[name] = trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+        else:
+            values[name] = trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    return values
+
+
+def trial_config(space: SearchSpace, params: dict[str, Any], role: str, seed: int | None) -> TrainConfig:
+    """The full-training config of a trial: base + knobs (+ the baseline's overrides) (+ seed)."""
+    data = space.base_config().to_dict()
+    data = apply_overrides(data, [(k, v) for k, v in params.items() if not k.startswith(ENV_PREFIX)])
+    if role in BASELINE_ROLES:
+        data = apply_overrides(data, list(space.baseline.items()))
+    if seed is not None:
+        data = apply_overrides(data, [("system.seed", seed)])
+    return TrainConfig.from_dict(data, source="trial config")
+
+
+class StudySearcher(Searcher):
+    """Ask/tell over an Optuna study, for Ray Tune (see the module docstring)."""
+
+    def __init__(self, study: optuna.Study, space: SearchSpace, bridge: PruningBridge, n_trials: int | None,
+                 cpus_per_trial: float, progress: Callable[[str], None] | None = None):
+        super().__init__(metric=None, mode=None)
+        self.study, self.space, self.bridge = study, space, bridge
+        self.n_trials, self.cpus = n_trials, cpus_per_trial
+        self.progress = progress or (lambda line: None)
+        self.live: dict[str, Live] = {}
+        self.started_here = 0
+
+    # ---- Ray Tune's Searcher API ----------------------------------------------------------------
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        """The next trial's spec, None to wait (baseline still running), or FINISHED."""
+        if any(live.role in BASELINE_ROLES for live in self.live.values()):
+            return None
+        for _ in range(100):
+            if self.n_trials is not None and len(counted_trials(self.study)) + len(self.live) >= self.n_trials:
+                return Searcher.FINISHED
+            sampler = self.study.sampler
+            if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(self.study) and not self._queued():
+                return Searcher.FINISHED
+            trial = self.study.ask()
+            role = trial.user_attrs.get("role", "search")
+            seed = trial.user_attrs.get("seed")
+            params = sample_params(trial, self.space, role)
+            try:
+                config = trial_config(self.space, params, role, seed)
+            except ConfigError as exc:
+                self._tell_fail(trial, "invalid_config", str(exc).replace("trial config: ", ""))
+                continue
+            trial.set_user_attr("role", role)
+            trial.set_user_attr("config", config.to_dict())
+            env = {k[len(ENV_PREFIX):]: v for k, v in params.items() if k.startswith(ENV_PREFIX)}
+            self.live[trial_id] = Live(trial, role, time.monotonic(), {"speed": {}, "quality": {}})
+            if role in BASELINE_ROLES:
+                self.bridge.exempt.add(trial_id)  # the baseline is the reference; it is never pruned
+            self.started_here += 1
+            return {"number": trial.number, "role": role, "config": config.to_dict(), "env": env,
+                    "trial_overrides": self.space.trial.overrides(),
+                    "cpus": self.space.ray.torch_threads or self.cpus,
+                    "timeout_s": self.space.trial.timeout_s}
+        return Searcher.FINISHED
+
+    def _queued(self) -> bool:
+        return bool(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Store each phase's intermediate value as it arrives (kept even if the driver dies)."""
+        live = self.live.get(trial_id)
+        phase = result.get("phase")
+        if live is None or phase not in ("speed", "quality"):
+            return
+        metric = "throughput_img_s" if phase == "speed" else "knn_top1"
+        step = int(result.get("step", 0))
+        live.intermediate[phase][step] = float(result[metric])
+        live.trial.set_user_attr("intermediate_values", live.intermediate)
+        if phase == "quality":
+            live.trial.storage.set_trial_intermediate_value(live.trial._trial_id, step, float(result[metric]))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """Tell Optuna how the trial ended (COMPLETE, PRUNED or FAIL) with all its attributes."""
+        live = self.live.get(trial_id)
+        try:
+            self._record(trial_id, result, error)
+        except Exception as exc:  # never let bookkeeping kill the study; the trial must not stay RUNNING
+            logging.getLogger(__name__).exception("recording trial %s failed", trial_id)
+            if live is not None and live.trial.number is not None:
+                state = self.study.get_trials(deepcopy=False)[live.trial.number].state
+                if state == TrialState.RUNNING:
+                    self._tell_fail(live.trial, "error", f"tuner bookkeeping: {type(exc).__name__}: {exc}")
+
+    def _record(self, trial_id: str, result: dict | None, error: bool) -> None:
+        live = self.live.pop(trial_id, None)
+        decision = self.bridge.finish(trial_id)
+        if live is None:
+            return
+        result = unflatten(result or {})
+        trial, elapsed = live.trial, result.get("time_total_s") or (time.monotonic() - live.started)
+        trial.set_user_attr("time_s", float(elapsed))
+        if result.get("hardware"):
+            trial.set_user_attr("hardware", result["hardware"])
+        phase = result.get("phase")
+        if decision is not None:
+            live.intermediate[decision.phase][decision.step] = decision.value  # Ray does not pass the last result on
+            trial.set_user_attr("intermediate_values", live.intermediate)
+            if decision.phase == "quality":
+                trial.storage.set_trial_intermediate_value(trial._trial_id, decision.step, decision.value)
+            self._tell_pruned(trial, decision)
+        elif error:
+            reason = "timeout" if elapsed >= self.space.trial.timeout_s else "killed"
+            self._tell_fail(trial, reason, "the trial process died" if reason == "killed" else "trial ran past its timeout")
+        elif phase == "done":
+            self._tell_complete(trial, live.role, result)
+        elif phase == "failed":
+            if result.get("fail_reason") == "oom":
+                self._tell_oom(trial, result)
+            else:
+                self._tell_fail(trial, result.get("fail_reason", "error"), result.get("fail_message", ""))
+        else:  # stopped by the study's time limit before it finished
+            self._tell_fail(trial, "interrupted", "stopped before it finished (study time limit)")
+            keep = {k: trial.user_attrs[k] for k in ("role", "seed") if k in trial.user_attrs}
+            self.study.enqueue_trial(trial.params, user_attrs={**keep, "rerun_of": trial.number})
+        if live.role in BASELINE_ROLES:
+            update_baseline_stats(self.study, self.space)
+        self.progress(progress_line(self.study, trial.number, self.n_trials))
+
+    # ---- telling ------------------------------------------------------------------------------------
+
+    def _tell_complete(self, trial: optuna.trial.Trial, role: str, result: dict) -> None:
+        throughput, knn = result.get("throughput_img_s"), result.get("knn_top1")
+        if throughput is None or knn is None:
+            self._tell_fail(trial, "error", "the run ended without a throughput or kNN measurement")
+            return
+        for key in ("throughput_img_s", "throughput_spread", "knn_top1", "knn_top5", "knn_top1_initial", "phases_ms",
+                    "peak_memory_mb", "memory_kind", "data_wait_fraction", "build_s", "compile_s", "wall_s", "steps"):
+            if result.get(key) is not None:
+                trial.set_user_attr(key, result[key])
+        intermediate = dict(trial.user_attrs.get("intermediate_values", {"speed": {}, "quality": {}}))
+        evals = {int(k): float(v) for k, v in (result.get("evals") or {}).items()}
+        intermediate["quality"] = {**intermediate.get("quality", {}), **evals}
+        for step, value in evals.items():
+            trial.storage.set_trial_intermediate_value(trial._trial_id, step, value)
+        trial.set_user_attr("intermediate_values", intermediate)
+        self._set_relative(trial, role, float(throughput), float(knn), float(result.get("peak_memory_mb") or 0.0))
+        self.study.tell(trial, [float(throughput), float(knn)])
+
+    def _tell_oom(self, trial: optuna.trial.Trial, result: dict) -> None:
+        trial.set_user_attr("fail_reason", "oom")
+        trial.set_user_attr("fail_message", result.get("fail_message", ""))
+        trial.set_user_attr("infeasible", "oom")
+        base = self.study.user_attrs
+        trial.set_constraint("knn_points", float(base.get("baseline_knn_top1") or 1.0))
+        trial.set_constraint("memory", 1.0)
+        self.study.tell(trial, [0.0, 0.0])
+
+    def _tell_pruned(self, trial: optuna.trial.Trial, decision) -> None:
+        trial.set_user_attr("pruned_phase", decision.phase)
+        trial.set_user_attr("prune_reason", decision.reason)
+        trial.set_user_attr("pruned_at_step", decision.step)
+        trial.set_user_attr("time_saved_s", self._time_saved(trial, decision))
+        self.study.tell(trial, state=TrialState.PRUNED)
+
+    def _time_saved(self, trial: optuna.trial.Trial, decision) -> float:
+        """Training time the trial would still have spent: remaining steps at its own measured throughput."""
+        budget = self.space.trial
+        done = budget.speed_steps if decision.phase == "speed" else decision.step
+        speed = trial.user_attrs.get("intermediate_values", {}).get("speed", {})
+        throughput = next(iter(speed.values()), None)
+        if not throughput:
+            return 0.0
+        optim = trial.user_attrs["config"]["optim"]
+        images_per_step = optim["batch_size"] * optim["accumulation_steps"]
+        return max(0, budget.steps - done) * images_per_step / float(throughput)
+
+    def _tell_fail(self, trial: optuna.trial.Trial, reason: str, message: str) -> None:
+        trial.set_user_attr("fail_reason", reason)
+        trial.set_user_attr("fail_message", str(message)[:500])
+        self.study.tell(trial, state=TrialState.FAIL)
+
+    def _set_relative(self, trial: optuna.trial.Trial, role: str, throughput: float, knn: float, peak_mb: float) -> None:
+        """Speedup over the baseline, kNN difference and whether it is within noise, and the constraints."""
+        attrs = self.study.user_attrs
+        base_tp, base_knn = attrs.get("baseline_throughput_img_s"), attrs.get("baseline_knn_top1")
+        tolerance = attrs.get("knn_tolerance_effective", self.space.constraints.knn_tolerance_points)
+        if role in BASELINE_ROLES or base_knn is None:
+            knn_violation = -tolerance  # the baseline is the reference, feasible by definition
+        else:
+            knn_violation = (base_knn - tolerance) - knn
+            noise = attrs.get("knn_noise_points")
+            trial.set_user_attr("knn_delta_points", knn - base_knn)
+            trial.set_user_attr("knn_within_noise", noise is not None and abs(knn - base_knn) <= noise)
+        if base_tp:
+            trial.set_user_attr("speedup", throughput / base_tp)
+        elif role == "baseline":
+            trial.set_user_attr("speedup", 1.0)
+        limit = self.space.constraints.peak_memory_mb
+        trial.set_constraint("knn_points", float(knn_violation))
+        trial.set_constraint("memory", float(peak_mb - limit) if limit else -1.0)
+
+
+def unflatten(result: dict[str, Any]) -> dict[str, Any]:
+    """Undo Ray Tune's flattening of nested result dicts ("phases_ms/data" -> {"phases_ms": {"data": ...}})."""
+    out: dict[str, Any] = {}
+    for key, value in result.items():
+        node, parts = out, str(key).split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def update_baseline_stats(study: optuna.Study, space: SearchSpace) -> None:
+    """Baseline throughput and kNN (mean over seeds), the kNN noise, the effective tolerance, warnings."""
+    trials = baseline_trials(study)
+    if not trials:
+        return
+    first = trials[0]
+    knns = [t.values[1] for t in trials]
+    study.set_user_attr("baseline_trial", first.number)
+    study.set_user_attr("baseline_throughput_img_s", first.values[0])  # trial 0 is 1.00x by definition
+    study.set_user_attr("baseline_throughput_seeds", [t.values[0] for t in trials])
+    study.set_user_attr("baseline_knn_top1", statistics.fmean(knns))
+    study.set_user_attr("baseline_knn_seeds", knns)
+    noise = (max(knns) - min(knns)) if len(knns) > 1 else None
+    study.set_user_attr("knn_noise_points", noise)
+    tolerance = max(space.constraints.knn_tolerance_points, noise or 0.0)
+    study.set_user_attr("knn_tolerance_effective", tolerance)
+    initial = first.user_attrs.get("knn_top1_initial")
+    if initial is not None and max(knns) <= initial:
+        study.set_user_attr("quality_warning", f"the baseline's kNN ({max(knns):.1f}) did not rise above its initial "
+                            f"value ({initial:.1f}): this quality phase measures nothing; raise trial.steps")
+    else:
+        study.set_user_attr("quality_warning", None)
+    if len(knns) > 1:
+        # Trials told before the noise was known keep their attrs, but feasibility is re-read by select.py.
+        study.set_user_attr("knn_noise_known", True)
+
+
+def progress_line(study: optuna.Study, number: int, n_trials: int | None) -> str:
+    """One line per finished trial: n of N, state, throughput, kNN, speedup, best feasible so far."""
+    from tuner.select import best_feasible
+
+    t = study.get_trials(deepcopy=False)[number]
+    done = len(counted_trials(study))
+    u = t.user_attrs
+    parts = [f"trial {done}/{n_trials or '?'} (#{t.number}{', ' + u['role'] if u.get('role', 'search') != 'search' else ''})",
+             f"{t.state.name:<8}"]
+    if u.get("throughput_img_s") is not None:
+        parts.append(f"{u['throughput_img_s']:8.1f} img/s")
+    if u.get("knn_top1") is not None:
+        parts.append(f"kNN {u['knn_top1']:5.1f}")
+    if u.get("speedup") is not None:
+        parts.append(f"x{u['speedup']:.2f}")
+    if u.get("fail_reason"):
+        parts.append(f"fail: {u['fail_reason']}")
+    if u.get("pruned_phase"):
+        parts.append(f"pruned in {u['pruned_phase']}: {u.get('prune_reason', '')}")
+    best = best_feasible(study)
+    if best is not None:
+        parts.append(f"| best feasible #{best.number} x{best.user_attrs.get('speedup', float('nan')):.2f}")
+    return "  ".join(parts)

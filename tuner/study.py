@@ -1,0 +1,174 @@
+"""The study database: storage, study-level attributes, baseline enqueueing, crash recovery.
+
+The study is an ordinary Optuna study in Optuna's RDB schema (SQLite by default, any SQLAlchemy URL
+otherwise), so `optuna.load_study` and optuna-dashboard open it. Only the driver process writes it.
+
+What the tuner adds lives in Optuna's own attribute tables: per trial (user attrs) the role, the full
+config, throughput and its spread, kNN before and after, speedup, phase times, peak memory, the
+hardware, and for unfinished trials `fail_reason` or `pruned_phase`/`prune_reason`; per study the
+search-space fingerprint, the hardware, the baseline's numbers and the kNN noise.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from trainer.config import ConfigError
+from tuner.space import SearchSpace, first_difference
+
+OBJECTIVES = ("throughput_img_s", "knn_top1")
+BASELINE_ROLES = ("baseline", "baseline_noise")
+
+
+def storage_for(url: str) -> optuna.storages.RDBStorage:
+    """An RDB storage for `url`; a relative SQLite path gets its folder created."""
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        if str(path) not in ("", ":memory:"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None)
+
+
+def study_exists(url: str, name: str) -> bool:
+    """Whether `url` holds a study called `name` (reads only; never creates a database file)."""
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        return False
+    return any(s.study_name == name for s in optuna.get_all_study_summaries(storage_for(url)))
+
+
+def open_study(space: SearchSpace, url: str) -> optuna.Study:
+    """Create the study (baseline trials enqueued first) or continue it; refuse a changed space."""
+    sampler = space.build_sampler()
+    if study_exists(url, space.name):
+        study = optuna.load_study(study_name=space.name, storage=storage_for(url), sampler=sampler)
+        stored = study.user_attrs.get("space_fingerprint", {})
+        changed = [k for k, v in space.fingerprint().items() if stored.get(k) not in (None, v)]
+        if changed:
+            old = study.user_attrs.get("space_sections", {}).get(changed[0])
+            what = first_difference(old, space.sections()[changed[0]]) if old is not None else None
+            raise ConfigError(
+                f"{space.source}: {changed[0]}{'.' + what if what else ''}: changed since study {space.name!r} in {url} "
+                f"was started; its trials would not be comparable (give the space a new name: or use --storage)")
+        return study
+    study = optuna.create_study(study_name=space.name, storage=storage_for(url), sampler=sampler,
+                                directions=["maximize", "maximize"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(OBJECTIVES))
+    study.set_user_attr("space_fingerprint", space.fingerprint())
+    study.set_user_attr("space_sections", space.sections())
+    study.set_user_attr("space_source", space.source)
+    study.set_user_attr("hardware", hardware_fingerprint())
+    study.set_user_attr("knn_tolerance_points", space.constraints.knn_tolerance_points)
+    study.set_user_attr("trial_overrides", space.trial.overrides())
+    enqueue_baseline(study, space)
+    return study
+
+
+def baseline_params(space: SearchSpace) -> dict[str, Any]:
+    """The baseline's values for the searched knobs, where they lie in the knob's range or choices."""
+    params: dict[str, Any] = {}
+    for name, param in space.params.items():
+        if name in space.baseline:
+            value = space.baseline[name]
+            if param.distribution()._contains(_internal(param.distribution(), value)):
+                params[name] = value
+    return params
+
+
+def _internal(dist: optuna.distributions.BaseDistribution, value: Any) -> float:
+    try:
+        return dist.to_internal_repr(value)
+    except (ValueError, TypeError):
+        return float("nan")
+
+
+def enqueue_baseline(study: optuna.Study, space: SearchSpace) -> None:
+    """Baseline first: trial 0 at the base seed, then the same config at other seeds to measure kNN noise."""
+    params, seed = baseline_params(space), space.base_config().system.seed
+    for i in range(space.constraints.knn_noise_seeds):
+        role = "baseline" if i == 0 else "baseline_noise"
+        study.enqueue_trial(params, user_attrs={"role": role, "seed": seed + i})
+
+
+def recover_interrupted(study: optuna.Study) -> list[int]:
+    """Mark trials left RUNNING by a crashed driver FAIL ("interrupted") and enqueue their configs again."""
+    numbers = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted")
+        study.tell(t.number, state=TrialState.FAIL)
+        keep = {k: t.user_attrs[k] for k in ("role", "seed") if k in t.user_attrs}
+        study.enqueue_trial(t.params, user_attrs={**keep, "rerun_of": t.number})
+        numbers.append(t.number)
+    return numbers
+
+
+def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Finished trials that count towards the budget (an interrupted trial is run again, so it does not)."""
+    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return [t for t in study.get_trials(deepcopy=False, states=done) if t.user_attrs.get("fail_reason") != "interrupted"]
+
+
+def baseline_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Completed baseline trials (all seeds), base seed first."""
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if t.user_attrs.get("role") in BASELINE_ROLES and t.user_attrs.get("fail_reason") is None]
+    return sorted(trials, key=lambda t: (t.user_attrs.get("role") != "baseline", t.number))
+
+
+def hardware_fingerprint() -> dict[str, Any]:
+    """Device name, CPU model and cores, torch and CUDA versions of this process's machine."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "host": platform.node(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def resolve_study(study: str, study_name: str | None = None) -> tuple[str, str]:
+    """`STUDY` on the command line: a study name (studies/<name>.db) or a storage URL -> (url, name)."""
+    if "://" not in study:
+        url = f"sqlite:///studies/{study}.db"
+        if not Path(f"studies/{study}.db").exists():
+            raise ConfigError(f"no study database studies/{study}.db (give a study name or a storage URL)")
+        return url, study_name or study
+    if study.startswith("sqlite:///") and not Path(study[len("sqlite:///"):]).exists():
+        raise ConfigError(f"{study}: no such database file")
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage_for(study))]
+    if study_name:
+        if study_name not in names:
+            raise ConfigError(f"{study}: no study {study_name!r}; studies: {', '.join(names) or 'none'}")
+        return study, study_name
+    if len(names) != 1:
+        raise ConfigError(f"{study}: holds {len(names)} studies ({', '.join(names) or 'none'}); pick one with --study-name")
+    return study, names[0]
+
+
+def load(study: str, study_name: str | None = None) -> optuna.Study:
+    """Open a stored study by name or URL (read and annotate; no sampling)."""
+    url, name = resolve_study(study, study_name)
+    return optuna.load_study(study_name=name, storage=storage_for(url))

@@ -1,0 +1,130 @@
+"""What a study holds, as one object (`StudySummary`) and as the `tuner status` tables."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from trainer.table import format_table
+from tuner.select import baseline_trial, best_feasible, is_feasible, pareto_set
+
+
+@dataclass
+class TrialRow:
+    """One trial as the summary shows it."""
+
+    number: int
+    state: str
+    role: str
+    throughput_img_s: float | None
+    knn_top1: float | None
+    speedup: float | None
+    feasible: bool
+    within_noise: bool | None
+    fail_reason: str | None
+    pruned_phase: str | None
+    params: dict[str, Any]
+
+    @classmethod
+    def of(cls, t: FrozenTrial) -> "TrialRow":
+        u = t.user_attrs
+        return cls(t.number, t.state.name, u.get("role", "search"), u.get("throughput_img_s"), u.get("knn_top1"),
+                   u.get("speedup"), is_feasible(t), u.get("knn_within_noise"), u.get("fail_reason"),
+                   u.get("pruned_phase"), dict(t.params))
+
+
+@dataclass
+class StudySummary:
+    """A study at a glance: the result object of `tuner.run` and the content of `tuner status`."""
+
+    study_name: str
+    storage_url: str
+    states: dict[str, int]
+    fail_reasons: dict[str, int]
+    baseline: TrialRow | None
+    best_feasible: TrialRow | None
+    pareto: list[TrialRow]
+    trials: list[TrialRow]
+    knn_noise_points: float | None
+    knn_tolerance_points: float | None
+    time_saved_by_pruning_s: float
+    warnings: list[str] = field(default_factory=list)
+    hardware: dict[str, Any] = field(default_factory=dict)
+    confirm: dict[str, Any] | None = None
+
+    @property
+    def n_trials(self) -> int:
+        return len(self.trials)
+
+
+def summarize(study: optuna.Study, storage_url: str = "") -> StudySummary:
+    """Collect states, failure reasons, baseline, best feasible, Pareto set and warnings."""
+    trials = study.get_trials(deepcopy=False)
+    attrs = study.user_attrs
+    warnings = [w for w in (attrs.get("quality_warning"),) if w]
+    if attrs.get("baseline_trial") is None:
+        warnings.append("no completed baseline yet: speedups and the kNN constraint are not known")
+    elif attrs.get("knn_noise_points") is None:
+        warnings.append("kNN noise not measured (constraints.knn_noise_seeds < 2 or the noise trial did not finish)")
+    base, best = baseline_trial(study), best_feasible(study)
+    return StudySummary(
+        study_name=study.study_name, storage_url=storage_url,
+        states=dict(Counter(t.state.name for t in trials)),
+        fail_reasons=dict(Counter(t.user_attrs["fail_reason"] for t in trials if t.user_attrs.get("fail_reason"))),
+        baseline=TrialRow.of(base) if base else None, best_feasible=TrialRow.of(best) if best else None,
+        pareto=[TrialRow.of(t) for t in pareto_set(study)], trials=[TrialRow.of(t) for t in trials],
+        knn_noise_points=attrs.get("knn_noise_points"), knn_tolerance_points=attrs.get("knn_tolerance_effective"),
+        time_saved_by_pruning_s=sum(t.user_attrs.get("time_saved_s", 0.0) for t in trials if t.state == TrialState.PRUNED),
+        warnings=warnings, hardware=attrs.get("hardware", {}), confirm=attrs.get("confirm"),
+    )
+
+
+def knn_note(row: TrialRow, summary: StudySummary) -> str:
+    """'within noise' when a kNN difference from the baseline is not larger than the measured noise."""
+    if row.role != "search" or row.knn_top1 is None or summary.baseline is None:
+        return ""
+    return "within noise" if row.within_noise else ""
+
+
+def format_status(s: StudySummary) -> str:
+    """The `tuner status` text: states, baseline, best feasible, the Pareto set, warnings."""
+    out = [f"study {s.study_name}  ({s.storage_url})",
+           "trials: " + ", ".join(f"{n} {k}" for k, n in sorted(s.states.items())) +
+           (f"  (failures: {', '.join(f'{n} {k}' for k, n in sorted(s.fail_reasons.items()))})" if s.fail_reasons else "")]
+    if s.hardware:
+        out.append(f"hardware: {s.hardware.get('device')}, {s.hardware.get('cpu_model')} x{s.hardware.get('cpu_cores')}, "
+                   f"torch {s.hardware.get('torch')}, CUDA {s.hardware.get('cuda')}")
+    if s.baseline:
+        noise = f"{s.knn_noise_points:.2f}" if s.knn_noise_points is not None else "not measured"
+        out.append(f"baseline: trial {s.baseline.number}, {s.baseline.throughput_img_s:.1f} img/s, kNN {s.baseline.knn_top1:.1f} "
+                   f"(noise {noise} points, tolerance {s.knn_tolerance_points or 0:.2f} points)")
+    if s.best_feasible:
+        b = s.best_feasible
+        note = knn_note(b, s)
+        out.append(f"best feasible: trial {b.number}, {b.throughput_img_s:.1f} img/s, x{(b.speedup or float('nan')):.2f}, "
+                   f"kNN {b.knn_top1:.1f}{' (' + note + ')' if note else ''}")
+    if s.time_saved_by_pruning_s:
+        out.append(f"pruning saved about {s.time_saved_by_pruning_s:.0f} s of trial time")
+    if s.pareto:
+        out.append("\nPareto set (feasible; throughput vs kNN):")
+        out.append(_trial_table(s.pareto, s))
+    out.append("\nall trials:")
+    out.append(_trial_table(s.trials, s))
+    if s.confirm:
+        c = s.confirm
+        out.append(f"\nconfirmed: trial {c['trial']} vs baseline, speedup x{c['speedup_median']:.2f} "
+                   f"(spread {c['speedup_min']:.2f}-{c['speedup_max']:.2f} over {c['rounds']} interleaved rounds)")
+    out += [f"warning: {w}" for w in s.warnings]
+    return "\n".join(out)
+
+
+def _trial_table(rows: list[TrialRow], s: StudySummary) -> str:
+    return format_table(
+        ["#", "state", "role", "img/s", "kNN", "speedup", "feasible", "note"],
+        [(r.number, r.state, r.role, r.throughput_img_s, r.knn_top1, f"{r.speedup:.2f}x" if r.speedup else None,
+          "yes" if r.feasible else "no", r.fail_reason or (f"pruned: {r.pruned_phase}" if r.pruned_phase else knn_note(r, s)))
+         for r in rows])

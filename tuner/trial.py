@@ -1,0 +1,100 @@
+"""The trial function Ray Tune runs: one `trainer.train` call, its events turned into phase reports.
+
+Reports, in order: one ``phase: "speed"`` result when the speed phase ends (throughput), one
+``phase: "quality"`` result per kNN evaluation after it (the evaluation before training becomes
+``knn_top1_initial``; evaluations that happen during the speed phase are held back until it ends, so
+a pruner always sees the phases in order), and a last result with ``phase: "done"`` (the run's
+summary) or ``phase: "failed"`` (``fail_reason``: oom, nan, dataloader, compile, timeout, error,
+invalid_config). The trainer's loop is not changed: a stop request is the callback returning True.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+#: Summary fields a finished trial reports (and the searcher stores).
+SUMMARY_FIELDS = ("throughput_img_s", "throughput_spread", "knn_top1", "knn_top5", "knn_top1_initial",
+                  "data_wait_fraction", "phases_ms", "peak_memory_mb", "memory_kind", "steps", "wall_s",
+                  "build_s", "compile_s", "train_s", "stopped_early")
+
+
+def run_trial(spec: dict[str, Any]) -> None:
+    """Ray Tune trainable: `spec` is what the searcher suggested (config, trial overrides, env, cpus, timeout)."""
+    from ray import tune
+
+    import torch
+
+    from trainer import ConfigError, TrainConfig, train
+    from tuner.study import hardware_fingerprint
+
+    os.environ.update({k: str(v) for k, v in (spec.get("env") or {}).items()})
+    torch.set_num_threads(max(1, int(spec.get("cpus") or 1)))
+    timeout_s = float(spec["timeout_s"])
+    # A trial stuck inside one step never reaches the callback; end its process well after the timeout.
+    watchdog = threading.Timer(timeout_s + max(30.0, 0.2 * timeout_s), lambda: os._exit(124))
+    watchdog.daemon = True
+    watchdog.start()
+    reporter = _PhaseReporter(tune.report, timeout_s)
+    try:
+        config = TrainConfig.from_dict(spec["config"], source=f"trial {spec['number']}")
+        config = config.with_overrides(spec["trial_overrides"], source=f"trial {spec['number']}")
+        result = train(config, callback=reporter)
+    except ConfigError as exc:
+        tune.report({"phase": "failed", "fail_reason": "invalid_config", "fail_message": str(exc)})
+        return
+    finally:
+        watchdog.cancel()
+    hardware = hardware_fingerprint()
+    if reporter.timed_out:
+        tune.report({"phase": "failed", "fail_reason": "timeout", "hardware": hardware,
+                     "fail_message": f"trial ran past {timeout_s:.0f} s", "fail_step": result.summary.get("steps")})
+    elif result.status != "ok":
+        failure = result.failure or {}
+        tune.report({"phase": "failed", "fail_reason": failure.get("reason", "error"), "hardware": hardware,
+                     "fail_message": failure.get("message", ""), "fail_step": failure.get("step"),
+                     "throughput_img_s": reporter.throughput, "knn_top1_initial": reporter.knn_initial})
+    else:
+        summary = {k: result.summary.get(k) for k in SUMMARY_FIELDS}
+        evals = {int(e["step"]): float(e["knn_top1"]) for e in result.summary.get("evals", []) if e.get("knn_top1") is not None}
+        tune.report({"phase": "done", **summary, "evals": evals, "hardware": hardware})
+
+
+class _PhaseReporter:
+    """The `train` callback: forwards the speed phase, then each kNN evaluation, to Ray Tune."""
+
+    def __init__(self, report, timeout_s: float):
+        self.report, self.timeout_s = report, timeout_s
+        self.t0 = time.monotonic()
+        self.total_steps: int | None = None
+        self.throughput: float | None = None
+        self.knn_initial: float | None = None
+        self.held: list[dict[str, Any]] = []
+        self.timed_out = False
+
+    def __call__(self, event: str, payload: dict[str, Any]) -> bool:
+        if event == "build":
+            self.total_steps = payload.get("total_steps")
+        elif event == "speed":
+            self.throughput = payload["throughput_img_s"]
+            self.report({"phase": "speed", "step": 0, "throughput_img_s": payload["throughput_img_s"],
+                         "throughput_spread": payload["throughput_spread"], "peak_memory_mb": payload["peak_memory_mb"]})
+            for held in self.held:
+                self._quality(held)
+            self.held = []
+        elif event == "eval" and payload.get("knn_top1") is not None:
+            if payload["step"] == 0:
+                self.knn_initial = payload["knn_top1"]
+            elif self.throughput is None:
+                self.held.append(payload)
+            elif payload["step"] != self.total_steps:  # the last evaluation arrives with "done"
+                self._quality(payload)
+        if time.monotonic() - self.t0 > self.timeout_s:
+            self.timed_out = True
+            return True
+        return False
+
+    def _quality(self, payload: dict[str, Any]) -> None:
+        self.report({"phase": "quality", "step": int(payload["step"]), "knn_top1": payload["knn_top1"]})
