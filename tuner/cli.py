@@ -1,4 +1,4 @@
-"""The `tuner` command: run, status, export, confirm. User mistakes print one line and exit 2."""
+"""The `tuner` command: run, status, export, confirm, explain, report. User mistakes print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -31,6 +31,15 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("-o", "--output", type=Path, help="output YAML (default: studies/<name>-trial<N>.yaml)")
         if name == "confirm":
             s.add_argument("--rounds", type=int, default=3, help="interleaved A/B rounds (default 3)")
+    e = sub.add_parser("explain", help="measure the baseline-to-winner path one knob at a time")
+    e.add_argument("study", help="a study name (studies/<name>.db) or a storage URL")
+    e.add_argument("--study-name", help="which study, when the storage holds several")
+    e.add_argument("--pick", default="fastest", help="fastest (default), knee, or trial:N")
+    e.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the path (default 3)")
+    rp = sub.add_parser("report", help="write an offline HTML dashboard of one study, or overlay several")
+    rp.add_argument("studies", nargs="+", help="study names or storage URLs (several: one overlaid Pareto plot)")
+    rp.add_argument("-o", "--output", type=Path, help="HTML file (default: studies/<name>/report.html)")
+    rp.add_argument("--watch", type=float, metavar="SECONDS", help="rewrite the page every SECONDS while a study runs")
     return p
 
 
@@ -40,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="optuna")
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        return {"run": _run, "status": _status, "export": _export, "confirm": _confirm}[args.command](args)
+        commands = {"run": _run, "status": _status, "export": _export, "confirm": _confirm, "explain": _explain,
+                    "report": _report}
+        return commands[args.command](args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -86,6 +97,44 @@ def _confirm(args) -> int:
     from tuner.study import load
 
     confirm(load(args.study, args.study_name), args.pick, args.rounds)
+    return 0
+
+
+def _explain(args) -> int:
+    from tuner.explain import explain, format_explain
+    from tuner.remeasure import MeasurementFailed
+    from tuner.study import load
+
+    if args.rounds < 1:
+        raise ConfigError(f"--rounds {args.rounds}: must be at least 1")
+    try:
+        record = explain(load(args.study, args.study_name), args.pick, args.rounds)
+    except MeasurementFailed as exc:
+        raise ConfigError(f"explain: a measurement failed: {exc}") from None
+    print(format_explain(record))
+    return 0
+
+
+def _report(args) -> int:
+    import time
+
+    from tuner.report import default_report_path, watch, write_report
+    from tuner.study import load
+
+    def studies():
+        return [load(ref) for ref in args.studies]
+
+    loaded = studies()
+    out = args.output or default_report_path(loaded)
+    if args.watch:
+        if args.watch < 1:
+            raise ConfigError(f"--watch {args.watch}: must be at least 1 second")
+        print(f"watching; open {out.resolve()} in a browser (it reloads itself); Ctrl-C to stop", file=sys.stderr)
+        watch(studies, out, args.watch, echo=lambda line: print(line, file=sys.stderr))
+        return 0
+    t0 = time.perf_counter()
+    write_report(loaded, out)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s)")
     return 0
 
 

@@ -16,7 +16,7 @@ import optuna
 
 from trainer.config import ConfigError, TrainConfig
 from trainer.table import format_table
-from tuner.remeasure import config_of, interleaved, measure_throughput, ratio_stats
+from tuner.remeasure import interleaved, measure_throughput, measured_config, ratio_stats
 from tuner.select import baseline_trial, pick
 
 # Fields that say how a trial is measured or seeded, not how it trains; never counted as knobs.
@@ -60,7 +60,7 @@ def explain(study: optuna.Study, policy: str = "fastest", rounds: int = 3, echo:
     base_t, win_t = baseline_trial(study), pick(study, policy)
     if base_t is None:
         raise ConfigError(f"study {study.study_name!r} has no completed baseline to explain against")
-    base, target = config_of(base_t), config_of(win_t)
+    base, target = measured_config(study, base_t), measured_config(study, win_t)
     groups = knob_groups(base, target)
     if not groups:
         raise ConfigError(f"trial {win_t.number} has the baseline's configuration; nothing to explain")

@@ -48,9 +48,10 @@ def ratio_stats(numerator: list[float], denominator: list[float]) -> tuple[float
     return statistics.median(ratios), (max(ratios) - min(ratios)) / 2 if len(ratios) > 1 else 0.0, ratios
 
 
-def config_of(trial) -> TrainConfig:
-    """The full TrainConfig a trial ran with (stored in its `config` user attribute)."""
+def measured_config(study, trial) -> TrainConfig:
+    """The config a trial was measured with: its stored full-training config plus the study's trial budget."""
     data = trial.user_attrs.get("config")
     if not data:
         raise ConfigError(f"trial {trial.number} stores no config (was it run by this version of tuner?)")
-    return TrainConfig.from_dict(data, source=f"trial {trial.number}")
+    config = TrainConfig.from_dict(data, source=f"trial {trial.number} of study {study.study_name!r}")
+    return config.with_overrides(study.user_attrs.get("trial_overrides", {}))

@@ -142,9 +142,9 @@ def headline(study: optuna.Study, s: StudySummary) -> str:
     knn = lambda t: t.user_attrs.get("knn_top1") if t else None  # noqa: E731
     card("baseline throughput", _num(tp(base), " img/s"), f"trial {base.number}" if base else "no baseline yet")
     card("winner throughput", _num(tp(win), " img/s"), f"trial {win.number}" if win else "no feasible trial yet")
-    if confirm.get("speedup") is not None:
-        card("confirmed speedup", f"{confirm['speedup']:.2f}x", f"spread ±{confirm.get('speedup_spread', 0):.2f}x, "
-             f"{confirm.get('rounds', '?')} interleaved rounds")
+    if confirm.get("speedup_median") is not None and win is not None and confirm.get("trial") == win.number:
+        card("confirmed speedup", f"{confirm['speedup_median']:.2f}x",
+             f"range {confirm['speedup_min']:.2f}-{confirm['speedup_max']:.2f}x over {confirm['rounds']} interleaved rounds")
     elif win is not None and win.user_attrs.get("speedup") is not None:
         card("speedup (unconfirmed)", f"{win.user_attrs['speedup']:.2f}x", "run `tuner confirm` for its spread")
     card("kNN top-1 baseline / winner", f"{_num(knn(base))} / {_num(knn(win))}", "percent")
@@ -318,7 +318,8 @@ def optuna_figures(study: optuna.Study) -> list[tuple[str, go.Figure | str]]:
     from optuna import visualization as vis
 
     out: list[tuple[str, go.Figure | str]] = []
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    study = measured_view(study)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     targets: list[tuple[str, Callable[[FrozenTrial], float]]] = [
         ("throughput (img/s)", lambda t: t.values[0]), ("kNN top-1 (%)", lambda t: t.values[1])]
     for name, target in targets:
@@ -340,6 +341,18 @@ def optuna_figures(study: optuna.Study) -> list[tuple[str, go.Figure | str]]:
             except Exception as exc:  # a study too small or too uniform for this plot
                 out.append((f"{title}: {name}", f"not drawn: {exc}"))
     return out
+
+
+def measured_view(study: optuna.Study) -> optuna.Study:
+    """An in-memory copy without the out-of-memory trials' placeholder values.
+
+    Out-of-memory trials are stored COMPLETE with (0, 0) and violated constraints so the sampler learns
+    the memory boundary; Optuna's plots must not draw those zeros as measurements.
+    """
+    view = optuna.create_study(directions=study.directions, study_name=study.study_name)
+    view.add_trials([t for t in study.get_trials(deepcopy=False)
+                     if not (t.state == TrialState.COMPLETE and t.user_attrs.get("fail_reason"))])
+    return view
 
 
 def _add_pruned(fig: go.Figure, study: optuna.Study, target_name: str) -> None:
