@@ -349,7 +349,10 @@ def measured_view(study: optuna.Study) -> optuna.Study:
     Out-of-memory trials are stored COMPLETE with (0, 0) and violated constraints so the sampler learns
     the memory boundary; Optuna's plots must not draw those zeros as measurements.
     """
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     view = optuna.create_study(directions=study.directions, study_name=study.study_name)
+    optuna.logging.set_verbosity(level)
     view.add_trials([t for t in study.get_trials(deepcopy=False)
                      if not (t.state == TrialState.COMPLETE and t.user_attrs.get("fail_reason"))])
     return view
