@@ -125,9 +125,10 @@ def _split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, 
 def digits_canvases(digits: np.ndarray, cfg: DataConfig, seed: int) -> np.ndarray:
     """Draw each 8x8 digit (values 0..16) on its own noisy, coloured `S x S` canvas; returns uint8 `[N, 3, S, S]`.
 
-    Per canvas: a random background colour with a vertical gradient, `cfg.clutter` distractor strokes
-    (short lines in random colours, so edges alone do not give the digit away), the digit upscaled to a
-    random side in `cfg.digit_scale` of the canvas at a random position in a contrasting colour, then
+    Per canvas: a mid-grey background with a small tint and a vertical gradient, `cfg.clutter`
+    distractor strokes (short lines that are lighter or darker than the background, as the digit is, so
+    edges and contrast alone do not give the digit away), the digit upscaled to a random side in
+    `cfg.digit_scale` of the canvas at a random position, lighter or darker than the background, then
     Gaussian pixel noise.
     """
     rng = np.random.default_rng(seed)
@@ -136,14 +137,17 @@ def digits_canvases(digits: np.ndarray, cfg: DataConfig, seed: int) -> np.ndarra
     out = np.empty((n, 3, size, size), dtype=np.uint8)
     digit_t = torch.from_numpy(digits.astype(np.float32) / 16.0)[:, None]  # [N,1,8,8]
     for i in range(n):
-        # Muted colours: a grey level with a small tint. Fully random hues made colour the easiest way
-        # to tell two views of one canvas apart from the rest, a shortcut that needs no digit at all.
-        level = rng.uniform(0.15, 0.85)
-        bg = (level + rng.uniform(-0.15, 0.15, size=3)).astype(np.float32)
-        grad = rng.uniform(-0.25, 0.25, size=3).astype(np.float32)
+        # Muted colours around mid-grey: a grey level with a small tint. Fully random colours (or a wide
+        # range of grey levels) let two views of one canvas be matched by their colour or brightness
+        # alone; self-distillation then learns that shortcut (features that predict brightness, kNN at
+        # chance) instead of the digit.
+        level = rng.uniform(0.35, 0.65)
+        bg = (level + rng.uniform(-0.1, 0.1, size=3)).astype(np.float32)
+        grad = rng.uniform(-0.15, 0.15, size=3).astype(np.float32)
         canvas = bg[:, None, None] + grad[:, None, None] * (yy[None] / size - 0.5)
         for _ in range(cfg.clutter):
-            colour = (rng.uniform(0.0, 1.0) + rng.uniform(-0.15, 0.15, size=3)).astype(np.float32)
+            # strokes contrast like the digit does (lighter or darker), so contrast alone does not find it
+            colour = (level + _contrast(rng) + rng.uniform(-0.1, 0.1, size=3)).astype(np.float32)
             x0, y0 = rng.uniform(0, size, size=2)
             angle = rng.uniform(0, math.pi)
             length = rng.uniform(0.2, 0.5) * size
@@ -155,14 +159,17 @@ def digits_canvases(digits: np.ndarray, cfg: DataConfig, seed: int) -> np.ndarra
         glyph = torch.nn.functional.interpolate(digit_t[i : i + 1], size=(side, side), mode="bilinear", align_corners=False)
         glyph = glyph[0, 0].clamp(0, 1).numpy()
         top, left = rng.integers(0, size - side + 1, size=2)
-        # The digit contrasts with the background in brightness (darker on light, lighter on dark).
-        shift = rng.uniform(0.35, 0.6) * (1.0 if level < 0.5 else -1.0)
-        fg = np.clip(level + shift + rng.uniform(-0.15, 0.15, size=3), 0.0, 1.0)
+        fg = np.clip(level + _contrast(rng) + rng.uniform(-0.1, 0.1, size=3), 0.0, 1.0)  # lighter or darker
         region = canvas[:, top : top + side, left : left + side]
         canvas[:, top : top + side, left : left + side] = region * (1 - glyph) + fg[:, None, None].astype(np.float32) * glyph
         canvas = canvas + rng.normal(0.0, cfg.noise_std, size=canvas.shape).astype(np.float32)
         out[i] = (np.clip(canvas, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     return out
+
+
+def _contrast(rng) -> float:
+    """A brightness offset from the background: 0.3 to 0.45, lighter or darker with equal odds."""
+    return float(rng.uniform(0.3, 0.45) * rng.choice((-1.0, 1.0)))
 
 
 def _segment_mask(xx, yy, x0, y0, x1, y1, width):
