@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,100 @@ def ray_session():
     yield ray
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+FAULTS = ["none", "oom@2", "nan@2", "kill@2"]
+
+
+@pytest.fixture(scope="session")
+def fault_study(ray_session, tmp_path_factory):
+    """One real study for the whole session: the baseline at two seeds, then one trial per injected fault
+    (TRAINER_INJECT_FAULT none / oom / nan / kill) with a quality pruner that prunes every search trial whose
+    kNN is below 101. Yields (folder, summary, progress lines); the database is folder/studies/faults.db."""
+    from tuner import run
+
+    folder = tmp_path_factory.mktemp("faults")
+    old = os.getcwd()
+    os.chdir(folder)  # the space's storage and Ray's files are relative: studies/...
+    try:
+        path = write_tiny_space(folder, "faults", params={"env.TRAINER_INJECT_FAULT": {"choices": FAULTS}},
+                                sampler={"name": "grid"}, budget={"n_trials": 6},
+                                pruner={"quality": {"name": "ThresholdPruner", "args": {"lower": 101}}})
+        lines: list[str] = []
+        summary = run(path, progress=lines.append)
+    finally:
+        os.chdir(old)
+    yield folder, summary, lines
+
+
+class StoredStudy:
+    """A study written the way the tuner stores it (ask/tell into a SQLite file), without Ray or training.
+
+    For pages and commands that only read a study: the attribute names are the searcher's.
+    """
+
+    HARDWARE = {"device": "cpu", "gpu_count": 0, "cpu_model": "Test CPU", "cpu_cores": 2, "torch": "2.x",
+                "cuda": None, "host": "test"}
+
+    def __init__(self, folder: Path, name: str, hardware: dict | None = None, trial_overrides: dict | None = None,
+                 knn_tolerance: float = 1.0, choices: dict[str, list] | None = None):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.url = f"sqlite:///{Path(folder) / name}.db"
+        self.study = optuna.create_study(study_name=name, storage=self.url, directions=["maximize", "maximize"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.study.set_metric_names(["throughput_img_s", "knn_top1"])
+        self.study.set_user_attr("hardware", dict(hardware or self.HARDWARE))
+        self.study.set_user_attr("knn_tolerance_points", knn_tolerance)
+        self.study.set_user_attr("trial_overrides", trial_overrides or {})
+        self.tolerance, self.choices = knn_tolerance, choices or {}  # a knob's choices (default: its one value)
+
+    def add(self, role: str = "search", config: dict | None = None, params: dict | None = None,
+            throughput: float | None = None, knn: float | None = None, fail_reason: str | None = None,
+            pruned: str | None = None) -> int:
+        """One finished trial: COMPLETE with (throughput, kNN), FAIL with `fail_reason`, or PRUNED with reason `pruned`."""
+        from optuna.trial import TrialState
+
+        from trainer.events import PHASES
+
+        study = self.study
+        trial = study.ask()
+        for key, value in (params or {}).items():
+            trial.suggest_categorical(key, self.choices.get(key, [value]))
+        trial.set_user_attr("role", role)
+        if config is not None:
+            trial.set_user_attr("config", config)
+        if fail_reason is not None:
+            trial.set_user_attr("fail_reason", fail_reason)
+            trial.set_user_attr("fail_message", f"injected: {fail_reason}")
+            study.tell(trial, state=TrialState.FAIL)
+        elif pruned is not None:
+            trial.set_user_attr("pruned_phase", "quality")
+            trial.set_user_attr("prune_reason", pruned)
+            trial.set_user_attr("intermediate_values", {"speed": {"0": throughput}, "quality": {"4": knn}})
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            base_tp = study.user_attrs.get("baseline_throughput_img_s") or throughput
+            base_knn = study.user_attrs.get("baseline_knn_top1", knn)
+            attrs = {"throughput_img_s": throughput, "knn_top1": knn, "speedup": throughput / base_tp,
+                     "phases_ms": {p: 1.0 + i for i, p in enumerate(PHASES)}, "peak_memory_mb": 100.0,
+                     "hardware": study.user_attrs["hardware"]}
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+            trial.set_constraint("knn_points", -self.tolerance if role != "search" else (base_knn - self.tolerance) - knn)
+            trial.set_constraint("memory", -1.0)
+            study.tell(trial, [throughput, knn])
+            if role == "baseline":
+                for key, value in {"baseline_trial": trial.number, "baseline_throughput_img_s": throughput,
+                                   "baseline_knn_top1": knn, "knn_noise_points": None,
+                                   "knn_tolerance_effective": self.tolerance}.items():
+                    study.set_user_attr(key, value)
+        return trial.number
+
+
+@pytest.fixture
+def stored_study(tmp_path):
+    """`stored_study(name, **kwargs)`: a `StoredStudy` in this test's temporary folder."""
+    return lambda name, **kwargs: StoredStudy(tmp_path, name, **kwargs)

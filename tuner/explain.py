@@ -36,21 +36,34 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def knob_groups(base: TrainConfig, target: TrainConfig) -> list[dict[str, Any]]:
     """The differing fields as knobs; a field that is not valid alone (e.g. prefetch_factor without
-    workers) is merged with the knob it depends on, so every group applies cleanly to the baseline."""
+    workers) is merged with the knob it depends on, so every group applies cleanly to the baseline.
+
+    Every field valid alone is its own knob (in config order); each dependent field then joins the first
+    knob it is valid with. Fields that fit no single knob form one group of their own when that is valid,
+    else join the last knob.
+    """
     a, b = flatten(base.to_dict()), flatten(target.to_dict())
-    diffs = [{k: b[k]} for k in b if a.get(k) != b[k] and k not in IGNORED]
-    groups: list[dict[str, Any]] = []
-    pending: dict[str, Any] = {}
-    for d in diffs:
-        pending.update(d)
+    diffs = {k: b[k] for k in b if a.get(k) != b[k] and k not in IGNORED}
+
+    def valid(overrides: dict[str, Any]) -> bool:
         try:
-            base.with_overrides(pending)
+            base.with_overrides(overrides)
         except ConfigError:
-            continue  # needs a companion field; keep collecting
-        groups.append(pending)
-        pending = {}
-    if pending:  # only valid together with everything before it
-        (groups[-1].update(pending) if groups else groups.append(pending))
+            return False
+        return True
+
+    groups = [{k: v} for k, v in diffs.items() if valid({k: v})]
+    leftover: dict[str, Any] = {}
+    for k, v in diffs.items():
+        if any(k in g for g in groups):
+            continue
+        home = next((g for g in groups if valid({**g, k: v})), None)
+        if home is not None:
+            home[k] = v
+        else:
+            leftover[k] = v
+    if leftover:  # only valid together with several knobs
+        (groups[-1].update(leftover) if groups and not valid(leftover) else groups.append(leftover))
     return groups
 
 

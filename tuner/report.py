@@ -10,8 +10,11 @@ already draws the thing (importances, parallel coordinates, history) and plotly 
 
 from __future__ import annotations
 
+import copy
 import html
+import math
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +36,8 @@ STATE_STYLE = {  # marker per trial kind on the Pareto plot
     "pruned": dict(color="#ff7f0e", symbol="triangle-down", size=10),
     "failed": dict(color="#d62728", symbol="x", size=10),
     "baseline": dict(color="black", symbol="star", size=18),
-    "winner": dict(color="#9467bd", symbol="diamond", size=16, line=dict(color="black", width=1)),
+    # open, and drawn around the point: the winner is also a Pareto point, and may be the baseline itself
+    "winner": dict(color="#9467bd", symbol="diamond-open", size=24, line=dict(width=3)),
 }
 
 
@@ -55,7 +59,8 @@ class Page:
                            config={"displaylogo": False, "responsive": True})
 
     def render(self) -> str:
-        refresh = f'<meta http-equiv="refresh" content="{int(self.refresh_s)}">' if self.refresh_s else ""
+        # at least 1 s: content="0" would reload the page in a tight loop
+        refresh = f'<meta http-equiv="refresh" content="{max(1, math.ceil(self.refresh_s))}">' if self.refresh_s else ""
         return (
             f"<!DOCTYPE html><html><head><meta charset=\"utf-8\">{refresh}<title>{html.escape(self.title)}</title>"
             f"<style>{CSS}</style><script type=\"text/javascript\">{get_plotlyjs()}</script></head>"
@@ -217,7 +222,9 @@ def pareto_figure(studies: list[optuna.Study], summaries: list[StudySummary]) ->
                           annotation_position="bottom right")
             fig.add_hrect(y0=line, y1=max(ys) + 5, fillcolor="#2ca02c", opacity=0.06, line_width=0)
         if groups["failed"] and not overlay:
-            fig.add_annotation(x=min(xs), y=strip_y, text="failed trials", showarrow=False, xanchor="right", yshift=14)
+            # inside the plot at its left edge (right of x=min(xs) it ran into the y-axis tick labels)
+            fig.add_annotation(xref="paper", x=0.005, y=strip_y, text="failed trials", showarrow=False, xanchor="left",
+                               yshift=14, font=dict(color=STATE_STYLE["failed"]["color"]))
     fig.update_layout(title="Throughput against kNN top-1 (up and to the right is better)",
                       xaxis_title="throughput (images/s)", yaxis_title="kNN top-1 (%)", height=520)
     return fig
@@ -308,8 +315,9 @@ def batch_figure(study: optuna.Study) -> go.Figure | None:
                     marker=dict(color=color, symbol="x", size=12), text=[_hover(t) for t in oom],
                     hovertemplate="%{text}<extra></extra>",
                 ), row=1, col=col)
-    fig.update_xaxes(title_text="batch size", type="log")
-    fig.update_layout(title="Batch size, precision and memory", height=420)
+    sizes = sorted({config_value(t, "optim.batch_size") for t in trials})
+    fig.update_xaxes(title_text="batch size", type="log", tickvals=sizes, ticktext=[str(b) for b in sizes])
+    fig.update_layout(title="Batch size, precision and memory", height=440, margin=dict(t=90))
     return fig
 
 
@@ -327,15 +335,21 @@ def optuna_figures(study: optuna.Study) -> list[tuple[str, go.Figure | str]]:
                             ("parallel coordinates", vis.plot_parallel_coordinate),
                             ("optimization history", vis.plot_optimization_history)):
             try:
-                if len(complete) < 2:
-                    raise ValueError("needs at least two complete trials")
-                if title == "parameter importances":
-                    # Importance evaluators look at what drives *low* values; both objectives are maximized.
-                    fig = draw(study, target=lambda t, f=target: -f(t), target_name=name)
-                else:
-                    fig = draw(study, target=target, target_name=name)
+                with warnings.catch_warnings():  # optuna's notes on tiny studies; the page says what it drew
+                    warnings.simplefilter("ignore", UserWarning)
+                    if len(complete) < 2:
+                        raise ValueError("needs at least two complete trials")
+                    if title == "parameter importances":
+                        # Importance evaluators look at what drives *low* values; both objectives are maximized.
+                        fig = draw(study, target=lambda t, f=target: -f(t), target_name=name)
+                    else:
+                        fig = draw(study, target=target, target_name=name)
+                if not fig.data:  # e.g. no searched parameter among the complete trials (only the baseline's)
+                    raise ValueError("no searched parameter among the complete trials")
                 if title == "optimization history":
                     _add_pruned(fig, study, name)
+                    if len(study.trials) <= 20:
+                        fig.update_xaxes(dtick=1)  # trial numbers, not 0.5 steps
                 fig.update_layout(title=f"{title}: {name}", height=420)
                 out.append((f"{title}: {name}", fig))
             except Exception as exc:  # a study too small or too uniform for this plot
@@ -344,17 +358,23 @@ def optuna_figures(study: optuna.Study) -> list[tuple[str, go.Figure | str]]:
 
 
 def measured_view(study: optuna.Study) -> optuna.Study:
-    """An in-memory copy without the out-of-memory trials' placeholder values.
+    """An in-memory copy in which the out-of-memory trials are FAIL, without their placeholder values.
 
     Out-of-memory trials are stored COMPLETE with (0, 0) and violated constraints so the sampler learns
-    the memory boundary; Optuna's plots must not draw those zeros as measurements.
+    the memory boundary; Optuna's plots must not draw those zeros as measurements. They stay in the copy
+    (as failed trials, which the plots skip) so every trial keeps its number on the plots' trial axes.
     """
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     view = optuna.create_study(directions=study.directions, study_name=study.study_name)
     optuna.logging.set_verbosity(level)
-    view.add_trials([t for t in study.get_trials(deepcopy=False)
-                     if not (t.state == TrialState.COMPLETE and t.user_attrs.get("fail_reason"))])
+    trials = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.COMPLETE and t.user_attrs.get("fail_reason"):
+            t = copy.copy(t)
+            t.state, t.values = TrialState.FAIL, None
+        trials.append(t)
+    view.add_trials(trials)
     return view
 
 
@@ -396,8 +416,11 @@ def _num(v: float | None, unit: str = "") -> str:
 
 
 def _hw_label(s: StudySummary) -> str:
+    """Device, CPU model and core count, as `tuner.study.hardware_fingerprint` records them."""
     hw = s.hardware or {}
-    return " / ".join(str(hw[k]) for k in ("device_name", "cpu_model", "cpu_count") if hw.get(k)) or "hardware not recorded"
+    parts = [str(hw["device"]) if hw.get("device") else None, str(hw["cpu_model"]) if hw.get("cpu_model") else None,
+             f"{hw['cpu_cores']} cores" if hw.get("cpu_cores") else None]
+    return " / ".join(p for p in parts if p) or "hardware not recorded"
 
 
 # ---- pages ------------------------------------------------------------------------------------------
@@ -412,6 +435,11 @@ def render_study(study: optuna.Study, refresh_s: float | None = None) -> str:
         page.add("Nothing measured yet", '<p class="warn">No trial of this study has completed yet '
                  f'({", ".join(f"{n} {k.lower()}" for k, n in s.states.items()) or "no trials"}); '
                  "the plots appear once one has.</p>", "empty")
+    elif all(t.user_attrs.get("role") in ("baseline", "baseline_noise")
+             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not t.user_attrs.get("fail_reason")):
+        page.add("Only the baseline so far", '<p class="warn">Only the baseline has been measured yet; no search '
+                 "trial has been measured, so the winner is the baseline itself. Search trials appear here as they finish.</p>",
+                 "baseline-only")
     page.add("Trade-off: throughput against kNN", page.figure(pareto_figure([study], [s])), "pareto")
     page.add("Speedup path (measured per knob)", waterfall_section(study, page), "waterfall")
     phases = phases_figure(study)
