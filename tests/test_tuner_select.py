@@ -47,3 +47,12 @@ def test_bad_picks_are_one_line_errors():
         pick(study, "trial:5")
     with pytest.raises(ConfigError, match="allowed: fastest, knee, trial:N"):
         pick(study, "slowest")
+
+
+def test_the_baselines_noise_replicate_is_never_the_winner():
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    for role, tp in (("baseline", 30.0), ("baseline_noise", 36.0), ("search", 33.0)):
+        study.add_trial(create_trial(state=TrialState.COMPLETE, values=[tp, 50.0], user_attrs={"role": role},
+                                     system_attrs={"constraints:knn_points": -1.0}))
+    assert best_feasible(study).number == 2  # the replicate measured faster only by the machine's noise
+    assert [t.number for t in pareto_set(study)] == [2]  # 2 dominates the baseline; the replicate is not a candidate

@@ -7,6 +7,7 @@ none / oom / nan / kill), with a quality pruner that prunes every search trial w
 from __future__ import annotations
 
 import json
+import shutil
 import os
 from pathlib import Path
 
@@ -18,26 +19,7 @@ from trainer.config import TrainConfig
 
 pytestmark = pytest.mark.slow
 
-FAULTS = ["none", "oom@2", "nan@2", "kill@2"]
-
-
-@pytest.fixture(scope="module")
-def fault_study(ray_session, tiny_space, tmp_path_factory):
-    """Run the fault-injection study once (baseline at two seeds + one trial per fault)."""
-    from tuner import run
-
-    folder = tmp_path_factory.mktemp("faults")
-    old = os.getcwd()
-    os.chdir(folder)
-    try:
-        path = tiny_space(folder, "faults", params={"env.TRAINER_INJECT_FAULT": {"choices": FAULTS}},
-                          sampler={"name": "grid"}, budget={"n_trials": 6},
-                          pruner={"quality": {"name": "ThresholdPruner", "args": {"lower": 101}}})
-        lines: list[str] = []
-        summary = run(path, progress=lines.append)
-        yield folder, summary, lines
-    finally:
-        os.chdir(old)
+# `fault_study` (tests/conftest.py): one real study per session, a trial per injected fault.
 
 
 def _by_fault(study):
@@ -115,17 +97,20 @@ def test_status_export_and_the_exported_config_trains(fault_study, capsys, tmp_p
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
 
 
-def test_confirm_measures_winner_and_baseline_interleaved(fault_study):
+def test_confirm_measures_winner_and_baseline_interleaved(fault_study, tmp_path):
     from tuner.confirm import confirm
     from tuner.study import load
 
     folder, _, _ = fault_study
+    db = tmp_path / "faults.db"  # a copy: confirm writes to the study, which other tests read as it was run
+    shutil.copy(folder / "studies" / "faults.db", db)
     lines: list[str] = []
-    study = load(f"sqlite:///{folder}/studies/faults.db")
+    study = load(f"sqlite:///{db}")
     outcome = confirm(study, "trial:1", rounds=2, progress=lines.append)
-    assert [line.split(":")[1].split("(")[0].strip() for line in lines[:4]] == ["winner", "baseline", "winner", "baseline"]
+    assert [line.split()[2] for line in lines[:4]] == ["winner", "baseline", "winner", "baseline"]
     assert len(outcome["speedups"]) == 2 and outcome["speedup_min"] <= outcome["speedup_median"] <= outcome["speedup_max"]
-    again = load(f"sqlite:///{folder}/studies/faults.db")
+    assert outcome["speedups"] == pytest.approx([w / b for w, b in zip(outcome["winner_img_s"], outcome["baseline_img_s"])])
+    again = load(f"sqlite:///{db}")
     assert again.user_attrs["confirm"]["trial"] == 1
     assert again.user_attrs["confirmed_speedups"]["1"] == pytest.approx(outcome["speedup_median"])
 

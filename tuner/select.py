@@ -18,8 +18,10 @@ def is_feasible(t: FrozenTrial) -> bool:
 
 
 def feasible_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Feasible trials in trial order."""
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if is_feasible(t)]
+    """Feasible trials in trial order; the baseline's noise replicates (its config at other seeds) are not
+    candidates: they measure noise, and the baseline itself (trial 0) stands for that configuration."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if is_feasible(t) and t.user_attrs.get("role") != "baseline_noise"]
 
 
 def pareto_set(study: optuna.Study) -> list[FrozenTrial]:
