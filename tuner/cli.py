@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     warnings.filterwarnings("ignore", module="optuna")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # More workers than cores is a knob the study measures on purpose; torch's advice would repeat per trial.
+    warnings.filterwarnings("ignore", message="This DataLoader will create")
     try:
         commands = {"run": _run, "status": _status, "export": _export, "confirm": _confirm, "explain": _explain,
                     "report": _report}

@@ -189,7 +189,9 @@ def pareto_figure(studies: list[optuna.Study], summaries: list[StudySummary]) ->
         measured = [t.values for t in trials if t.state == TrialState.COMPLETE and t.values and not t.user_attrs.get("fail_reason")]
         ys = [v[1] for v in measured] or [0.0]
         xs = [v[0] for v in measured] or [1.0]
-        strip_y = min(ys) - max(2.0, 0.08 * (max(ys) - min(ys) + 1))
+        line = _constraint_line(study)
+        floor = min(ys + ([line] if line is not None else []))  # the strip sits below every point and the constraint
+        strip_y = floor - max(2.0, 0.08 * (max(ys) - min(ys) + 1))
         for kind, members in groups.items():
             if not members:
                 continue
@@ -215,7 +217,6 @@ def pareto_figure(studies: list[optuna.Study], summaries: list[StudySummary]) ->
                 fig.add_trace(go.Scatter(x=[t.values[0]], y=[t.values[1]], mode="markers", name=prefix + kind,
                                          marker=STATE_STYLE[kind], text=[_hover(t)], hovertemplate="%{text}<extra></extra>",
                                          customdata=[t.number]))
-        line = _constraint_line(study)
         if line is not None and not overlay:
             fig.add_hline(y=line, line_dash="dash", line_color="#2ca02c",
                           annotation_text=f"kNN constraint: baseline - {study.user_attrs.get('knn_tolerance_effective', 0):.1f} pts",
