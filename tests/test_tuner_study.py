@@ -156,13 +156,15 @@ def test_killed_driver_leaves_no_trace_after_the_study_is_run_again(ray_session,
     path = tiny_space(tmp_path, "crash", constraints={"knn_noise_seeds": 1}, budget={"n_trials": 3},
                       trial={"steps": 24, "eval_every_steps": 8})
     address = ray_session.get_runtime_context().gcs_address
-    driver = subprocess.Popen([sys.executable, "-m", "tuner.cli", "run", str(path), "--address", address],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "driver.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "tuner.cli", "run", str(path), "--address", address],
+                                  cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"sqlite:///{tmp_path}/studies/crash.db"
     deadline = time.monotonic() + 240
     running = []
     while time.monotonic() < deadline and driver.poll() is None:
-        time.sleep(1.0)
+        time.sleep(0.25)
         try:
             study = optuna.load_study(study_name="crash", storage=url)
         except Exception:
@@ -171,7 +173,7 @@ def test_killed_driver_leaves_no_trace_after_the_study_is_run_again(ray_session,
         if running:
             time.sleep(2.0)  # inside the trial, not at its start
             break
-    assert running, "the driver never reached a search trial"
+    assert running, f"the driver never reached a search trial (exit {driver.poll()}):\n{log.read_text()[-3000:]}"
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     victim = running[0].number
