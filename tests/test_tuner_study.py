@@ -187,3 +187,16 @@ def test_killed_driver_leaves_no_trace_after_the_study_is_run_again(ray_session,
     assert study.trials[0].state == TrialState.COMPLETE and study.trials[0].user_attrs["role"] == "baseline"
     counted = [t for t in study.trials if t.user_attrs.get("fail_reason") != "interrupted"]
     assert len(counted) == 3
+
+
+def test_trials_past_their_timeout_are_failed_with_reason_timeout(ray_session, tiny_space, tmp_path, monkeypatch):
+    from tuner import run
+
+    monkeypatch.chdir(tmp_path)
+    path = tiny_space(tmp_path, "slow", constraints={"knn_noise_seeds": 1}, budget={"n_trials": 2},
+                      trial={"timeout_s": 0.01})
+    summary = run(path, progress=None)
+    study = optuna.load_study(study_name="slow", storage=f"sqlite:///{tmp_path}/studies/slow.db")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert [t.user_attrs["fail_reason"] for t in study.trials] == ["timeout", "timeout"]
+    assert summary.fail_reasons == {"timeout": 2}
