@@ -34,6 +34,16 @@ def test_imagefolder_decodes_resizes_and_splits(tmp_path):
     assert set(splits.train_labels.tolist()) <= {0, 1, 2} and splits.num_classes == 3
 
 
+def test_max_images_keeps_batched_fetch_for_decoded_sets(tmp_path):
+    _write_folder(tmp_path / "imgs")
+    cfg = TrainConfig().with_overrides({"data.dataset": "imagefolder", "data.root": str(tmp_path / "imgs"),
+                                        "data.image_size": 24, "data.max_images": 16})
+    splits = build_splits(cfg.data)
+    assert len(splits.train) == 16 and splits.train_labels.shape == (16,)
+    batch = splits.train.__getitems__([0, 5, 15])
+    assert isinstance(batch, torch.Tensor) and tuple(batch.shape) == (3, 3, 24, 24)
+
+
 def test_imagefolder_trains_with_workers(tmp_path):
     _write_folder(tmp_path / "imgs")
     cfg = TrainConfig().with_overrides({

@@ -106,9 +106,10 @@ def build_splits(cfg: DataConfig) -> Splits:
     splits = builders[cfg.dataset](cfg)
     if cfg.max_images is not None and len(splits.train) > cfg.max_images:
         keep = list(range(cfg.max_images))
-        splits.train = torch.utils.data.Subset(splits.train, keep) if not isinstance(splits.train, TensorImages) else TensorImages(
-            splits.train.images[: cfg.max_images], splits.train.labels[: cfg.max_images]
-        )
+        if isinstance(splits.train, TensorImages):
+            splits.train = TensorImages(splits.train.images[: cfg.max_images], splits.train.labels[: cfg.max_images])
+        else:  # keep the batched fetch that the DataLoader and the kNN feature pass rely on
+            splits.train = _SubsetBatched(torch.utils.data.Subset(splits.train, keep))
         splits.train_labels = splits.train_labels[: cfg.max_images]
     return splits
 
