@@ -50,6 +50,10 @@ def test_stopped_then_resumed_run_repeats_the_loss_sequence_exactly(tmp_path, un
     assert resumed.losses == expected  # bit-for-bit, including the restored first five
     assert resumed.summary["knn_top1"] == full_summary["knn_top1"]
     assert resumed.summary["throughput_img_s"] == first.summary["throughput_img_s"]  # speed phase not re-run
+    # training time carries over: the resumed total exceeds the first part, and throughput covers all steps
+    assert resumed.summary["train_s"] > first.summary["train_s"] > 0
+    assert resumed.summary["train_throughput_img_s"] == pytest.approx(
+        STEPS * resumed.summary["images_per_step"] / resumed.summary["train_s"])
 
 
 def test_run_that_crashed_resumes_from_its_last_periodic_checkpoint(tmp_path, monkeypatch, uninterrupted_losses):

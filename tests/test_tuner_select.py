@@ -56,3 +56,8 @@ def test_the_baselines_noise_replicate_is_never_the_winner():
                                      system_attrs={"constraints:knn_points": -1.0}))
     assert best_feasible(study).number == 2  # the replicate measured faster only by the machine's noise
     assert [t.number for t in pareto_set(study)] == [2]  # 2 dominates the baseline; the replicate is not a candidate
+
+
+def test_negative_trial_numbers_are_refused_not_counted_from_the_end():
+    with pytest.raises(ConfigError, match="--pick trial:-1: no such trial"):
+        pick(_study(), "trial:-1")

@@ -377,7 +377,13 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
     window_time = data_time = timed_steps = 0.0
     step_times: list[float] = []
     first_step_s = 0.0
-    train_time, t_log, log_every = 0.0, time.perf_counter(), max(1, min(50, run.steps_per_epoch))
+    # Training time carries over a resume, so time limits and training throughput cover the whole run.
+    train_time, log_every = state.get("train_s", 0.0), max(1, min(50, run.steps_per_epoch))
+    t_log, logged_step = time.perf_counter(), run.step
+
+    def progress() -> dict[str, Any]:  # what a checkpoint keeps beyond the modules
+        return {"knn_initial": knn_initial, "speed": speed.as_dict() if speed else None, "train_s": train_time}
+
     stop_reason = None
     while run.step < run.total_steps and not run.stop_requested:
         epoch, start = divmod(run.step, run.steps_per_epoch)
@@ -414,8 +420,8 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
                 now = time.perf_counter()
                 run.emit("log", {"step": run.step, "epoch": run.step / run.steps_per_epoch, "loss": loss,
                                  "lr": float(run.lr[run.step - 1]), "total_steps": run.total_steps,
-                                 "throughput_img_s": log_every * run.images_per_step / max(1e-9, now - t_log)})
-                t_log = now
+                                 "throughput_img_s": (run.step - logged_step) * run.images_per_step / max(1e-9, now - t_log)})
+                t_log, logged_step = now, run.step
             if speed_only and speed is not None:
                 run.stop_requested = True
             if cfg.budget.time_limit_s and train_time >= cfg.budget.time_limit_s:
@@ -424,19 +430,21 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
                 break
             if cfg.eval.every_steps and run.step % cfg.eval.every_steps == 0:
                 run.evaluate()
+                t_log = time.perf_counter()  # evaluation time is not training throughput
             if cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0:
-                run.save_checkpoint({"knn_initial": knn_initial, "speed": speed.as_dict() if speed else None})
+                run.save_checkpoint(progress())
         else:  # the epoch ran to its end
             if cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0 and run.step < run.total_steps:
                 run.evaluate()
+                t_log = time.perf_counter()
             if not cfg.checkpoint_every_steps:
-                run.save_checkpoint({"knn_initial": knn_initial, "speed": speed.as_dict() if speed else None})
+                run.save_checkpoint(progress())
             continue
         break
     if speed is None and step_times:
         speed = _speed_report(run, windows or [len(step_times) * run.images_per_step / sum(step_times)], step_times, first_step_s)
     final = run.evaluate() if not speed_only else {}
-    run.save_checkpoint({"knn_initial": knn_initial, "speed": speed.as_dict() if speed else None})
+    run.save_checkpoint(progress())
     summary = _summary(run, speed, knn_initial, final, train_time, time.perf_counter() - t_start,
                        stopped_early=run.stop_requested and not speed_only, stop_reason=stop_reason)
     _write_summary(run, summary)

@@ -51,7 +51,6 @@ class DINOLoss(nn.Module):
         self.students = student_views(pairing, n_global, n_views)
         if not self.pairs:
             raise ValueError(f"loss.pairing={pairing!r} with {n_global} global and {n_views - n_global} local crops has no view pairs")
-        self.pairing = pairing
         warm = np.linspace(warmup_teacher_temp, teacher_temp, warmup_steps) if warmup_steps > 0 else np.array([])
         rest = np.full(max(0, total_steps - len(warm)), teacher_temp)
         self.teacher_temps = np.concatenate([warm, rest, [teacher_temp]])

@@ -92,7 +92,6 @@ class StudySearcher(Searcher):
         self.n_trials, self.cpus = n_trials, cpus_per_trial
         self.progress = progress or (lambda line: None)
         self.live: dict[str, Live] = {}
-        self.started_here = 0
 
     # ---- Ray Tune's Searcher API ----------------------------------------------------------------
 
@@ -124,7 +123,6 @@ class StudySearcher(Searcher):
             self.live[trial_id] = Live(trial, role, time.monotonic(), {"speed": {}, "quality": {}})
             if role in BASELINE_ROLES:
                 self.bridge.exempt.add(trial_id)  # the baseline is the reference; it is never pruned
-            self.started_here += 1
             return {"number": trial.number, "role": role, "config": config.to_dict(), "env": env,
                     "trial_overrides": self.space.trial.overrides(),
                     "cpus": self.space.ray.torch_threads or self.cpus,
@@ -304,9 +302,6 @@ def update_baseline_stats(study: optuna.Study, space: SearchSpace) -> None:
                             f"value ({initial:.1f}): this quality phase measures nothing; raise trial.steps")
     else:
         study.set_user_attr("quality_warning", None)
-    if len(knns) > 1:
-        # Trials told before the noise was known keep their attrs, but feasibility is re-read by select.py.
-        study.set_user_attr("knn_noise_known", True)
 
 
 def progress_line(study: optuna.Study, number: int, n_trials: int | None) -> str:

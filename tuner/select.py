@@ -53,6 +53,8 @@ def pick(study: optuna.Study, policy: str = "fastest") -> FrozenTrial:
     if policy.startswith("trial:"):
         try:
             number = int(policy.split(":", 1)[1])
+            if number < 0:
+                raise IndexError(number)  # not Python's count from the end
             t = study.get_trials(deepcopy=False)[number]
         except (ValueError, IndexError):
             raise ConfigError(f"--pick {policy}: no such trial in study {study.study_name!r}") from None
