@@ -60,14 +60,17 @@ def expected_groups(study: optuna.Study) -> dict[str, set[int]]:
     groups = {"pruned": set(), "failed": set(), "Pareto set": set(), "feasible": set(), "infeasible": set()}
     measured = [t for t in trials if t.state == TrialState.COMPLETE and not t.user_attrs.get("fail_reason")]
     feasible = [t for t in measured if all(v <= 0 for v in t.constraints.values())]
+    # The baseline's noise replicate (its config at another seed) is drawn as feasible, never as a candidate.
+    candidates = [t for t in feasible if t.user_attrs.get("role") != "baseline_noise"]
     for t in trials:
         if t.state == TrialState.PRUNED:
             groups["pruned"].add(t.number)
         elif t.state == TrialState.FAIL or t.user_attrs.get("fail_reason"):
             groups["failed"].add(t.number)
     for t in measured:
-        dominated = any(o.values[0] >= t.values[0] and o.values[1] >= t.values[1] and o.values != t.values for o in feasible)
-        groups["infeasible" if t not in feasible else "feasible" if dominated else "Pareto set"].add(t.number)
+        dominated = any(o.values[0] >= t.values[0] and o.values[1] >= t.values[1] and o.values != t.values for o in candidates)
+        group = "infeasible" if t not in feasible else "feasible" if dominated or t not in candidates else "Pareto set"
+        groups[group].add(t.number)
     return groups
 
 
@@ -134,7 +137,7 @@ def test_pareto_plot_has_one_trace_per_trial_kind_with_the_right_trials(fault_re
     assert got == expected
     marks = {tr["name"]: values(tr["customdata"]) for tr in traces if tr["name"] in ("baseline", "winner")}
     feasible = [t for t in study.trials if t.state == TrialState.COMPLETE and not t.user_attrs.get("fail_reason")
-                and all(v <= 0 for v in t.constraints.values())]
+                and all(v <= 0 for v in t.constraints.values()) and t.user_attrs.get("role") != "baseline_noise"]
     assert marks == {"baseline": [study.user_attrs["baseline_trial"]], "winner": [max(feasible, key=lambda t: t.values[0]).number]}
     # failed trials have no values: they sit on a strip below every measured point
     failed = next(tr for tr in traces if tr["name"].startswith("failed"))
