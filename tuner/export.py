@@ -11,7 +11,7 @@ from tuner.select import baseline_trial, is_feasible, pick
 
 
 def export(study: optuna.Study, policy: str = "fastest", out: str | Path | None = None) -> tuple[Path, str]:
-    """Write the picked trial's config to `out` (default studies/<name>-<pick>.yaml); returns (path, header)."""
+    """Write the picked trial's config to `out` (default studies/<name>-trial<N>.yaml); returns (path, header)."""
     trial = pick(study, policy)
     config = TrainConfig.from_dict(trial.user_attrs["config"], source=f"study {study.study_name} trial {trial.number}")
     header = export_header(study, trial, policy)
