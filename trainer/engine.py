@@ -140,9 +140,9 @@ class Run:
         teacher = copy.deepcopy(student)
         for p in teacher.parameters():
             p.requires_grad = False
-        fmt = torch.channels_last if cfg.system.channels_last else torch.contiguous_format
-        student.to(self.device, memory_format=fmt)
-        teacher.to(self.device, memory_format=fmt)
+        self.memory_format = torch.channels_last if cfg.system.channels_last else torch.contiguous_format
+        student.to(self.device, memory_format=self.memory_format)
+        teacher.to(self.device, memory_format=self.memory_format)
         student.backbone.grad_checkpointing = cfg.system.grad_checkpointing
         self.student, self.teacher = student, teacher  # unwrapped modules: EMA, checkpoints, evaluation
         if self.dist.world > 1:
@@ -160,8 +160,7 @@ class Run:
             self.teacher_fwd = torch.compile(teacher, mode=mode)
 
         o, world = cfg.optim, self.dist.world
-        self.micro_per_epoch = len(self.splits.train) // (o.batch_size * world)
-        self.steps_per_epoch = self.micro_per_epoch // o.accumulation_steps
+        self.steps_per_epoch = len(self.splits.train) // (o.batch_size * world) // o.accumulation_steps
         if self.steps_per_epoch < 1:
             raise ConfigError(
                 f"optim.batch_size={o.batch_size} x accumulation_steps={o.accumulation_steps} x {world} process(es) "
@@ -213,7 +212,6 @@ class Run:
         """One optimizer step over `accumulation_steps` micro-batches; returns the mean loss."""
         cfg, step, timer = self.cfg, self.step, self.timer
         accum, g = cfg.optim.accumulation_steps, self._step_generator()
-        fmt = torch.channels_last if cfg.system.channels_last else torch.contiguous_format
         fault = _injected_fault(step)
         if fault == "kill":
             os._exit(137)
@@ -224,7 +222,7 @@ class Run:
         for micro in range(accum):
             images = next(batches)
             timer.mark("data")
-            views = [v.contiguous(memory_format=fmt) for v in self.multicrop(images, g)]
+            views = [v.contiguous(memory_format=self.memory_format) for v in self.multicrop(images, g)]
             timer.mark("augment")
             sync = self.student_fwd.no_sync() if micro < accum - 1 and self.dist.world > 1 else contextlib.nullcontext()
             with sync:

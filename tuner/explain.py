@@ -80,7 +80,7 @@ def explain(study: optuna.Study, policy: str = "fastest", rounds: int = 3, echo:
     echo(f"{len(groups)} knob(s) differ between baseline trial {base_t.number} and trial {win_t.number}; "
          "measuring each alone on the baseline to order them")
     alone = interleaved([base] + [base.with_overrides(g) for g in groups], 1, echo,
-                        ["baseline"] + [_label(g, base) for g in groups], measure)
+                        ["baseline"] + [_label(g) for g in groups], measure)
     gains = [a[0] / alone[0][0] for a in alone[1:]]
     order = sorted(range(len(groups)), key=lambda i: -gains[i])
     path, cfg = [base], base
@@ -88,14 +88,14 @@ def explain(study: optuna.Study, policy: str = "fastest", rounds: int = 3, echo:
         cfg = cfg.with_overrides(groups[i])
         path.append(cfg)
     echo(f"measuring the path baseline -> winner, {rounds} interleaved round(s)")
-    labels = ["baseline"] + [f"+ {_label(groups[i], base)}" for i in order]
+    labels = ["baseline"] + [f"+ {_label(groups[i])}" for i in order]
     results = interleaved(path, rounds, echo, labels, measure)
-    steps = []
+    steps, base_values = [], flatten(base.to_dict())
     for n, i in enumerate(order, start=1):
         step_speedup, _, _ = ratio_stats(results[n], results[n - 1])
         cumulative, spread, _ = ratio_stats(results[n], results[0])
         key = ", ".join(groups[i])
-        from_v = ", ".join(str(flatten(base.to_dict()).get(k)) for k in groups[i])
+        from_v = ", ".join(str(base_values.get(k)) for k in groups[i])
         to_v = ", ".join(str(v) for v in groups[i].values())
         steps.append({"knob": key, "from": from_v, "to": to_v, "alone_speedup": gains[i],
                       "throughput_img_s": statistics.median(results[n]), "step_speedup": step_speedup,
@@ -115,5 +115,5 @@ def format_explain(record: dict[str, Any]) -> str:
     return format_table(["knob", "from", "to", "img/s", "step", "cumulative", "spread"], rows)
 
 
-def _label(group: dict[str, Any], base: TrainConfig) -> str:
+def _label(group: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in group.items())

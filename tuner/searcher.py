@@ -27,7 +27,7 @@ from ray.tune.search import Searcher
 from trainer.config import ConfigError, TrainConfig, apply_overrides
 from tuner.pruning import PruningBridge
 from tuner.space import ENV_PREFIX, SearchSpace
-from tuner.study import BASELINE_ROLES, baseline_params, baseline_trials, counted_trials
+from tuner.study import BASELINE_ROLES, baseline_params, baseline_trials, counted_trials, requeue
 
 
 @dataclass
@@ -139,11 +139,7 @@ class StudySearcher(Searcher):
         if live is None or phase not in ("speed", "quality"):
             return
         metric = "throughput_img_s" if phase == "speed" else "knn_top1"
-        step = int(result.get("step", 0))
-        live.intermediate[phase][step] = float(result[metric])
-        live.trial.set_user_attr("intermediate_values", live.intermediate)
-        if phase == "quality":
-            live.trial.storage.set_trial_intermediate_value(live.trial._trial_id, step, float(result[metric]))
+        _store_intermediate(live, phase, int(result.get("step", 0)), float(result[metric]))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         """Tell Optuna how the trial ended (COMPLETE, PRUNED or FAIL) with all its attributes."""
@@ -169,10 +165,7 @@ class StudySearcher(Searcher):
             trial.set_user_attr("hardware", result["hardware"])
         phase = result.get("phase")
         if decision is not None:
-            live.intermediate[decision.phase][decision.step] = decision.value  # Ray does not pass the last result on
-            trial.set_user_attr("intermediate_values", live.intermediate)
-            if decision.phase == "quality":
-                trial.storage.set_trial_intermediate_value(trial._trial_id, decision.step, decision.value)
+            _store_intermediate(live, decision.phase, decision.step, decision.value)  # Ray does not pass the last result on
             self._tell_pruned(trial, decision)
         elif error:
             reason = "timeout" if elapsed >= self.space.trial.timeout_s else "killed"
@@ -186,8 +179,7 @@ class StudySearcher(Searcher):
                 self._tell_fail(trial, result.get("fail_reason", "error"), result.get("fail_message", ""))
         else:  # stopped by the study's time limit before it finished
             self._tell_fail(trial, "interrupted", "stopped before it finished (study time limit)")
-            keep = {k: trial.user_attrs[k] for k in ("role", "seed") if k in trial.user_attrs}
-            self.study.enqueue_trial(trial.params, user_attrs={**keep, "rerun_of": trial.number})
+            requeue(self.study, trial)
         if live.role in BASELINE_ROLES:
             update_baseline_stats(self.study, self.space)
         self.progress(progress_line(self.study, trial.number, self.n_trials))
@@ -278,6 +270,15 @@ def unflatten(result: dict[str, Any]) -> dict[str, Any]:
         else:
             node[parts[-1]] = value
     return out
+
+
+def _store_intermediate(live: Live, phase: str, step: int, value: float) -> None:
+    """A phase's value at `step`: in the trial's attributes (both phases), and as Optuna's own
+    intermediate value for the quality phase (kNN), which optuna-dashboard plots."""
+    live.intermediate[phase][step] = value
+    live.trial.set_user_attr("intermediate_values", live.intermediate)
+    if phase == "quality":
+        live.trial.storage.set_trial_intermediate_value(live.trial._trial_id, step, value)
 
 
 def update_baseline_stats(study: optuna.Study, space: SearchSpace) -> None:

@@ -104,10 +104,15 @@ def recover_interrupted(study: optuna.Study) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted")
         study.tell(t.number, state=TrialState.FAIL)
-        keep = {k: t.user_attrs[k] for k in ("role", "seed") if k in t.user_attrs}
-        study.enqueue_trial(t.params, user_attrs={**keep, "rerun_of": t.number})
+        requeue(study, t)
         numbers.append(t.number)
     return numbers
+
+
+def requeue(study: optuna.Study, trial) -> None:
+    """Enqueue an interrupted trial's params again, keeping its role and seed, marked `rerun_of`."""
+    keep = {k: trial.user_attrs[k] for k in ("role", "seed") if k in trial.user_attrs}
+    study.enqueue_trial(trial.params, user_attrs={**keep, "rerun_of": trial.number})
 
 
 def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
