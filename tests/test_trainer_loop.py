@@ -4,6 +4,7 @@ with a reason (never raised), and the `trainer train` / `trainer bench` commands
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -62,6 +63,10 @@ def test_events_arrive_in_order(measured_run):
     assert speed_at < final_eval < len(names) - 1 and events[final_eval][1]["step"] == 6
     logs = [p for e, p in events if e == "log"]
     assert [p["step"] for p in logs] == [3, 6] and all(p["loss"] > 0 for p in logs)
+    ln_k = math.log(tiny_config().model.head.out_dim)
+    for p in logs:  # the collapse monitor rides on every log event
+        assert p["max_entropy"] == pytest.approx(ln_k)
+        assert 0.0 <= p["teacher_entropy"] <= p["batch_entropy"] + 1e-6 <= ln_k + 1e-6
     assert "failure" not in names
     assert events[-1][1] == result.summary
     build = events[0][1]
@@ -80,6 +85,8 @@ def test_summary_of_a_finished_run(measured_run):
     assert s["knn_top5"] >= s["knn_top1"]
     assert s["throughput_img_s"] == result.speed.throughput_img_s
     assert s["wall_s"] >= s["train_s"] > 0
+    last_log = [p for e, p in events if e == "log"][-1]
+    assert s["teacher_entropy"] == last_log["teacher_entropy"] and s["batch_entropy"] == last_log["batch_entropy"]
 
 
 def test_callback_returning_true_stops_the_run_early():

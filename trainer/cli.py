@@ -66,6 +66,7 @@ def _run_dir(args, cfg_path: Path) -> Path:
 
 def _train(cfg: TrainConfig, args) -> int:
     from trainer.engine import train
+    from trainer.loss import collapse_note
 
     out = _run_dir(args, Path(args.config) if args.config else default_config_path())
     progress = _Progress(enabled=not args.quiet and _is_main_rank())
@@ -93,7 +94,12 @@ def _train(cfg: TrainConfig, args) -> int:
         ("training throughput (img/s)", s["train_throughput_img_s"]),
         (f"peak memory (MiB, {s['memory_kind']})", s["peak_memory_mb"]),
         ("steps", s["steps"]), ("epochs", s["epochs"]), ("wall time (s)", s["wall_s"]),
+        ("teacher entropy (nats; ln K = uniform)",
+         "-" if s["teacher_entropy"] is None else f"{s['teacher_entropy']:.2f} of {s['max_entropy']:.2f}"),
     ]))
+    note = collapse_note(s["teacher_entropy"], s["batch_entropy"], s["max_entropy"])
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     print(f"summary: {out / 'summary.json'}")
     return 0
 
@@ -140,7 +146,8 @@ class _Progress:
             self.bar = tqdm(total=payload["total_steps"], unit="step", dynamic_ncols=True, file=sys.stderr)
         elif event == "log" and self.bar is not None:
             self.bar.update(payload["step"] - self.bar.n)
-            self.bar.set_postfix(loss=f"{payload['loss']:.3f}", img_s=f"{payload['throughput_img_s']:.0f}")
+            self.bar.set_postfix(loss=f"{payload['loss']:.3f}", img_s=f"{payload['throughput_img_s']:.0f}",
+                                 H=f"{payload['teacher_entropy'] / payload['max_entropy']:.2f}lnK")
         elif event == "eval":
             msg = f"kNN at step {payload['step']}: top-1 {payload['knn_top1']:.1f}%, top-5 {payload['knn_top5']:.1f}%"
             (self.bar.write if self.bar else print)(msg, file=sys.stderr)

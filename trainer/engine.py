@@ -282,6 +282,12 @@ class Run:
         torch._foreach_mul_(self.teacher_params, m)
         torch._foreach_add_(self.teacher_params, self.student_params, alpha=1.0 - m)
 
+    def entropy_report(self) -> dict[str, float | None]:
+        """The last tracked teacher entropies (nats) beside their maximum, ln K: the collapse monitor."""
+        e = self.dino_loss.entropy
+        return {"teacher_entropy": e.get("teacher"), "batch_entropy": e.get("batch"),
+                "max_entropy": math.log(self.cfg.model.head.out_dim)}
+
     # ---- evaluation ----------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, Any]:
@@ -390,6 +396,7 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
         for _ in range(start, run.steps_per_epoch):
             in_speed_phase = speed is None and run.step < speed_steps
             run.timer.enabled = in_speed_phase and run.step >= m.warmup_steps
+            run.dino_loss.track_entropy = (run.step + 1) % log_every == 0 or run.step + 1 == run.total_steps
             t0 = time.perf_counter()
             loss = run.train_step(batches)
             if run.device.type == "cuda" and in_speed_phase:
@@ -418,7 +425,8 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
                 now = time.perf_counter()
                 run.emit("log", {"step": run.step, "epoch": run.step / run.steps_per_epoch, "loss": loss,
                                  "lr": float(run.lr[run.step - 1]), "total_steps": run.total_steps,
-                                 "throughput_img_s": (run.step - logged_step) * run.images_per_step / max(1e-9, now - t_log)})
+                                 "throughput_img_s": (run.step - logged_step) * run.images_per_step / max(1e-9, now - t_log),
+                                 **run.entropy_report()})
                 t_log, logged_step = now, run.step
             if speed_only and speed is not None:
                 run.stop_requested = True
@@ -480,7 +488,7 @@ def _summary(run: Run, speed: SpeedReport | None, initial, final, train_time: fl
         "epochs": run.step / run.steps_per_epoch, "wall_s": wall, "train_s": train_time,
         "build_s": run.build_s, "compile_s": s.get("compile_s", 0.0), "images_per_step": run.images_per_step,
         "final_loss": run.losses[-1] if run.losses else None, "device": str(run.device), "world_size": run.dist.world,
-        "evals": run.evals, "failure": None, **extra,
+        "evals": run.evals, **run.entropy_report(), "failure": None, **extra,
     }
 
 

@@ -55,6 +55,12 @@ class DINOLoss(nn.Module):
         rest = np.full(max(0, total_steps - len(warm)), teacher_temp)
         self.teacher_temps = np.concatenate([warm, rest, [teacher_temp]])
         self.register_buffer("center", torch.zeros(1, out_dim))
+        # Collapse monitor (DINO paper, section 5.3): set `track_entropy` before a step to have that step's
+        # teacher entropies in `entropy` (nats): "teacher" is the mean per-image entropy (ln K: uniform,
+        # the plateau where the teacher says nothing about the image; 0: one-hot), "batch" the entropy of
+        # the batch-mean distribution (near 0: every image on the same prototype).
+        self.track_entropy = False
+        self.entropy: dict[str, float] = {}
 
     def teacher_temp(self, step: int) -> float:
         return float(self.teacher_temps[min(step, len(self.teacher_temps) - 1)])
@@ -64,7 +70,10 @@ class DINOLoss(nn.Module):
         dtype = torch.promote_types(student_out.dtype, torch.float32)
         student_out, teacher_out = student_out.to(dtype), teacher_out.to(dtype)
         logp = F.log_softmax(student_out / self.student_temp, dim=-1).chunk(self.n_views)
-        q = F.softmax((teacher_out - self.center) / self.teacher_temp(step), dim=-1).detach().chunk(self.n_global)
+        q_all = F.softmax((teacher_out - self.center) / self.teacher_temp(step), dim=-1).detach()
+        if self.track_entropy:
+            self.entropy = teacher_entropies(q_all)
+        q = q_all.chunk(self.n_global)
         q_sum = torch.stack(q).sum(0)
         l_sum = torch.stack([logp[s] for s in self.students]).sum(0)
         total = (q_sum * l_sum).sum(-1)
@@ -83,3 +92,29 @@ class DINOLoss(nn.Module):
             dist.all_reduce(batch_center)
             count *= dist.get_world_size()
         self.center.mul_(self.center_momentum).add_(batch_center / count, alpha=1 - self.center_momentum)
+
+
+@torch.no_grad()
+def teacher_entropies(q: torch.Tensor) -> dict[str, float]:
+    """Mean per-row entropy of the distributions `q` `[N, K]`, and the entropy of their mean, in nats."""
+    def entropy(p: torch.Tensor) -> torch.Tensor:
+        return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+
+    return {"teacher": entropy(q).mean().item(), "batch": entropy(q.mean(0)).item()}
+
+
+def collapse_note(teacher: float | None, batch: float | None, max_entropy: float) -> str | None:
+    """A one-line reading of the teacher entropies when they show one of DINO's two collapses, else None.
+
+    Uniform: every image's teacher distribution is near uniform (per-image entropy >= 95% of ln K), the
+    plateau at the start of DINO training where the loss sits at ln K. One prototype: the batch-mean
+    distribution is near one-hot (its entropy <= 5% of ln K), so every image gets the same target.
+    """
+    if teacher is None or batch is None:
+        return None
+    if teacher >= 0.95 * max_entropy:
+        return (f"teacher entropy {teacher:.2f} of ln K = {max_entropy:.2f}: uniform collapse "
+                "(DINO's early plateau; the targets do not yet tell images apart)")
+    if batch <= 0.05 * max_entropy:
+        return f"batch-mean teacher entropy {batch:.2f} of ln K = {max_entropy:.2f}: collapse onto one prototype"
+    return None
