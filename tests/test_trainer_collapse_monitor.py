@@ -1,5 +1,6 @@
 """The collapse monitor: the teacher entropies that tell DINO's uniform plateau and one-prototype
-collapse apart from a teacher that assigns images to prototypes."""
+collapse apart from a teacher that assigns images to prototypes, and the view agreement that says how
+much of the teacher's output two views of one image share."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import pytest
 import torch
 
-from trainer.loss import DINOLoss, collapse_note, teacher_entropies
+from trainer.loss import DINOLoss, collapse_note, teacher_entropies, view_agreement
 
 K = 64
 
@@ -54,3 +55,29 @@ def test_entropy_is_computed_only_when_asked():
     loss = _loss(track=False)
     loss(torch.randn(16, K), torch.randn(16, K), step=0)
     assert loss.entropy == {}
+
+
+def test_view_agreement_of_identical_opposite_shifted_and_unrelated_views():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(512, 32, generator=g)
+    assert view_agreement(a, a) == pytest.approx(1.0)
+    assert view_agreement(a, -a) == pytest.approx(-1.0)
+    assert view_agreement(a, a + torch.randn(1, 32, generator=g) * 10) == pytest.approx(1.0)  # a shared offset is centered away
+    assert abs(view_agreement(a, torch.randn(512, 32, generator=g))) < 0.05
+    half = a + torch.randn(512, 32, generator=g)  # as much view-specific variation as shared: 1/2
+    assert view_agreement(a, half) == pytest.approx(1 / math.sqrt(2), abs=0.05)
+
+
+def test_run_view_agreement_leaves_the_teacher_untouched_and_is_repeatable():
+    from trainer.engine import Run
+    from trainer_tiny import tiny_config
+
+    run = Run(tiny_config(), None, None)
+    run.build()
+    before = [b.clone() for b in run.teacher.buffers()]
+    mode = run.teacher.training
+    first = run.view_agreement(n=32)
+    assert -1.0 <= first <= 1.0
+    assert run.view_agreement(n=32) == first  # fixed views, same weights: the same number
+    assert run.teacher.training == mode
+    assert all(torch.equal(b, a) for b, a in zip(before, run.teacher.buffers()))  # BatchNorm statistics restored

@@ -87,6 +87,10 @@ def test_summary_of_a_finished_run(measured_run):
     assert s["wall_s"] >= s["train_s"] > 0
     last_log = [p for e, p in events if e == "log"][-1]
     assert s["teacher_entropy"] == last_log["teacher_entropy"] and s["batch_entropy"] == last_log["batch_entropy"]
+    evals = [p for e, p in events if e == "eval"]
+    assert s["view_agreement_initial"] == evals[0]["view_agreement"]
+    assert s["view_agreement"] == evals[-1]["view_agreement"]
+    assert all(-1.0 <= p["view_agreement"] <= 1.0 for p in evals)
 
 
 def test_callback_returning_true_stops_the_run_early():

@@ -36,14 +36,20 @@ class MultiCrop:
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
         x = images.to(self.device, non_blocking=True).float().div_(255.0)
         c = self.crops
-        views = []
-        for i in range(c.global_crops):
-            blur_p = 1.0 if i == 0 else 0.1
-            solar_p = 0.2 if i == 1 else 0.0
-            views.append(self._view(x, c.global_size, c.global_scale, blur_p, solar_p, generator))
+        views = self._globals(x, c.global_crops, generator)
         for _ in range(c.local_crops):
             views.append(self._view(x, c.local_size, c.local_scale, 0.5, 0.0, generator))
         return views
+
+    def global_views(self, images: torch.Tensor, count: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """`count` global views of a uint8 batch, augmented as in training."""
+        return self._globals(images.to(self.device, non_blocking=True).float().div_(255.0), count, generator)
+
+    def _globals(self, x: torch.Tensor, count: int, g: torch.Generator) -> list[torch.Tensor]:
+        c = self.crops
+        # blur always on the first global view, rarely on the second; solarization on the second only
+        return [self._view(x, c.global_size, c.global_scale, 1.0 if i == 0 else 0.1, 0.2 if i == 1 else 0.0, g)
+                for i in range(count)]
 
     def plain(self, images: torch.Tensor, size: int) -> torch.Tensor:
         """Evaluation view: resize to `size` and normalize, no randomness."""

@@ -86,6 +86,7 @@ def _train(cfg: TrainConfig, args) -> int:
     rows = [
         ("kNN top-1 (%)", s["knn_top1_initial"], s["knn_top1"]),
         ("kNN top-5 (%)", s["knn_top5_initial"], s["knn_top5"]),
+        ("view agreement (teacher, 2 global views)", s["view_agreement_initial"], s["view_agreement"]),
     ]
     print(format_table(["metric", "before", "after"], rows))
     print(format_table(["measure", "value"], [

@@ -29,7 +29,7 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.data import EpochBatchSampler, build_splits, collate_batch
 from trainer.events import Callback, SpeedReport, TrainingFailure
 from trainer.knn import extract_features, weighted_knn
-from trainer.loss import DINOLoss
+from trainer.loss import DINOLoss, view_agreement
 from trainer.measure import PhaseTimer, peak_memory_mb, summarize_windows
 from trainer.model import DINOHead, MultiCropWrapper, build_backbone
 from trainer.schedules import cosine_schedule
@@ -301,12 +301,32 @@ class Run:
                 queries = extract_features(self.teacher.backbone, self.splits.val, view, e.batch_size)
             top1, top5 = weighted_knn(bank, self.splits.train_labels, queries, self.splits.val_labels,
                                       e.knn_k, e.knn_temperature, self.splits.num_classes)
-            result.update(knn_top1=top1, knn_top5=top5)
+            result.update(knn_top1=top1, knn_top5=top5, view_agreement=self.view_agreement())
             self.evals.append(result)
             self.emit("eval", result)
         if self.dist.world > 1:
             dist.barrier()
         return result
+
+    @torch.no_grad()
+    def view_agreement(self, n: int = 256) -> float:
+        """`trainer.loss.view_agreement` of the teacher's outputs for two global views of `n` training images.
+
+        The teacher runs as it does in a training step (BatchNorm on batch statistics); its running
+        statistics are restored afterwards. The views come from a fixed generator, so evaluations of one
+        run differ only by the weights.
+        """
+        images = self.splits.train.__getitems__(list(range(min(n, len(self.splits.train)))))
+        views = self.multicrop.global_views(images, 2, torch.Generator().manual_seed(self.cfg.system.seed + 7))
+        buffers = [b.clone() for b in self.teacher.buffers()]
+        was_training = self.teacher.training
+        self.teacher.train()
+        with self.autocast():
+            a, b = (self.teacher([v.contiguous(memory_format=self.memory_format)]) for v in views)
+        self.teacher.train(was_training)
+        for saved, live in zip(buffers, self.teacher.buffers()):
+            live.copy_(saved)
+        return view_agreement(a, b)
 
     # ---- checkpoints -----------------------------------------------------------------------------
 
@@ -481,6 +501,7 @@ def _summary(run: Run, speed: SpeedReport | None, initial, final, train_time: fl
         "status": "ok",
         "knn_top1": final.get("knn_top1"), "knn_top5": final.get("knn_top5"),
         "knn_top1_initial": (initial or {}).get("knn_top1"), "knn_top5_initial": (initial or {}).get("knn_top5"),
+        "view_agreement_initial": (initial or {}).get("view_agreement"), "view_agreement": final.get("view_agreement"),
         "throughput_img_s": s.get("throughput_img_s"), "throughput_spread": s.get("throughput_spread"),
         "data_wait_fraction": s.get("data_wait_fraction"), "phases_ms": s.get("phases_ms"),
         "train_throughput_img_s": run.step * run.images_per_step / train_time if train_time else None,

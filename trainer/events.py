@@ -9,8 +9,9 @@ the tuner can store them and the CLI can print them). The events, in order:
 - ``"speed"``: the speed phase's measurement (see `SpeedReport`), after its last window.
 - ``"log"``: ``{"step", "epoch", "loss", "lr", "throughput_img_s", "teacher_entropy", "batch_entropy",
   "max_entropy"}`` every few steps; the entropies (nats) are the collapse monitor of `trainer.loss`.
-- ``"eval"``: ``{"step", "epoch", "knn_top1", "knn_top5"}`` at each kNN evaluation (step 0 is the
-  evaluation before training).
+- ``"eval"``: ``{"step", "epoch", "knn_top1", "knn_top5", "view_agreement"}`` at each kNN evaluation
+  (step 0 is the evaluation before training); `view_agreement` is how much of the teacher's output two
+  augmented views of one image share (`trainer.loss.view_agreement`).
 - ``"failure"``: ``{"reason", "message", "step"}`` when the run fails (see `FAIL_REASONS`).
 - ``"done"``: the run's summary (the same dict as ``summary.json``).
 

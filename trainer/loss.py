@@ -103,6 +103,21 @@ def teacher_entropies(q: torch.Tensor) -> dict[str, float]:
     return {"teacher": entropy(q).mean().item(), "batch": entropy(q.mean(0)).item()}
 
 
+@torch.no_grad()
+def view_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """How much of the across-image variation of outputs `a` `[N, D]` two views share, in [-1, 1].
+
+    `a[i]` and `b[i]` are one model's outputs for two augmented views of image i. Both are centered
+    over the images (as DINO's center does to the teacher) and correlated: sum(a.b) / sqrt(sum(a.a)
+    sum(b.b)). 1: the views give the same output, so a student can predict the teacher's target from the
+    other view; 0: what tells one image from another in one view says nothing about the other view, and
+    the best a student can do is a flat distribution (DINO's uniform plateau).
+    """
+    a = a.float() - a.float().mean(0)
+    b = b.float() - b.float().mean(0)
+    return float((a * b).sum() / ((a * a).sum() * (b * b).sum()).sqrt().clamp_min(1e-30))
+
+
 def collapse_note(teacher: float | None, batch: float | None, max_entropy: float) -> str | None:
     """A one-line reading of the teacher entropies when they show one of DINO's two collapses, else None.
 
