@@ -9,7 +9,10 @@ import math
 import pytest
 import torch
 
+from trainer.engine import Run
 from trainer.loss import DINOLoss, collapse_note, teacher_entropies, view_agreement
+
+from trainer_tiny import tiny_config
 
 K = 64
 
@@ -69,9 +72,6 @@ def test_view_agreement_of_identical_opposite_shifted_and_unrelated_views():
 
 
 def test_run_view_agreement_leaves_the_teacher_untouched_and_is_repeatable():
-    from trainer.engine import Run
-    from trainer_tiny import tiny_config
-
     run = Run(tiny_config(), None, None)
     run.build()
     before = [b.clone() for b in run.teacher.buffers()]

@@ -34,7 +34,7 @@ class MultiCrop:
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        x = images.to(self.device, non_blocking=True).float().div_(255.0)
+        x = self._unit(images)
         c = self.crops
         views = self._globals(x, c.global_crops, generator)
         for _ in range(c.local_crops):
@@ -43,7 +43,11 @@ class MultiCrop:
 
     def global_views(self, images: torch.Tensor, count: int, generator: torch.Generator) -> list[torch.Tensor]:
         """`count` global views of a uint8 batch, augmented as in training."""
-        return self._globals(images.to(self.device, non_blocking=True).float().div_(255.0), count, generator)
+        return self._globals(self._unit(images), count, generator)
+
+    def _unit(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> floats in [0, 1] on the training device."""
+        return images.to(self.device, non_blocking=True).float().div_(255.0)
 
     def _globals(self, x: torch.Tensor, count: int, g: torch.Generator) -> list[torch.Tensor]:
         c = self.crops
@@ -53,7 +57,7 @@ class MultiCrop:
 
     def plain(self, images: torch.Tensor, size: int) -> torch.Tensor:
         """Evaluation view: resize to `size` and normalize, no randomness."""
-        x = images.to(self.device, non_blocking=True).float().div_(255.0)
+        x = self._unit(images)
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return (x - self.mean) / self.std

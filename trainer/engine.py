@@ -497,11 +497,12 @@ def _speed_report(run: Run, windows: list[float], step_times: list[float], first
 def _summary(run: Run, speed: SpeedReport | None, initial, final, train_time: float, wall: float, **extra) -> dict:
     mem, kind = peak_memory_mb(run.device)
     s = speed.as_dict() if speed else {}
+    initial = initial or {}
     return {
         "status": "ok",
         "knn_top1": final.get("knn_top1"), "knn_top5": final.get("knn_top5"),
-        "knn_top1_initial": (initial or {}).get("knn_top1"), "knn_top5_initial": (initial or {}).get("knn_top5"),
-        "view_agreement_initial": (initial or {}).get("view_agreement"), "view_agreement": final.get("view_agreement"),
+        "knn_top1_initial": initial.get("knn_top1"), "knn_top5_initial": initial.get("knn_top5"),
+        "view_agreement_initial": initial.get("view_agreement"), "view_agreement": final.get("view_agreement"),
         "throughput_img_s": s.get("throughput_img_s"), "throughput_spread": s.get("throughput_spread"),
         "data_wait_fraction": s.get("data_wait_fraction"), "phases_ms": s.get("phases_ms"),
         "train_throughput_img_s": run.step * run.images_per_step / train_time if train_time else None,
