@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import shutil
 from collections import Counter
@@ -115,6 +116,10 @@ def test_the_study_stores_every_attribute_the_report_reads(fault_study):
             assert u["throughput_img_s"] == t.values[0] > 0 and u["knn_top1"] == t.values[1]
             assert u["speedup"] == pytest.approx(t.values[0] / study.trials[0].values[0])
             assert set(u["phases_ms"]) >= {"data", "backward"} and u["peak_memory_mb"] > 0
+            # the collapse monitor travels with the trial: view agreement and the teacher's entropy
+            assert -1 <= u["view_agreement_initial"] <= 1 and -1 <= u["view_agreement"] <= 1
+            assert u["max_entropy"] == pytest.approx(math.log(u["config"]["model"]["head"]["out_dim"]))
+            assert 0 < u["teacher_entropy"] <= u["max_entropy"] + 1e-6
         elif t.state == TrialState.PRUNED:
             assert u["prune_reason"] and u["pruned_phase"] == "quality"
             assert u["intermediate_values"]["speed"], "the last measured values a pruned trial is drawn at"

@@ -28,6 +28,7 @@ from trainer.config import ConfigError, TrainConfig, apply_overrides
 from tuner.pruning import PruningBridge
 from tuner.space import ENV_PREFIX, SearchSpace
 from tuner.study import BASELINE_ROLES, baseline_params, baseline_trials, counted_trials, requeue
+from tuner.trial import SUMMARY_FIELDS
 
 
 @dataclass
@@ -191,8 +192,7 @@ class StudySearcher(Searcher):
         if throughput is None or knn is None:
             self._tell_fail(trial, "error", "the run ended without a throughput or kNN measurement")
             return
-        for key in ("throughput_img_s", "throughput_spread", "knn_top1", "knn_top5", "knn_top1_initial", "phases_ms",
-                    "peak_memory_mb", "memory_kind", "data_wait_fraction", "build_s", "compile_s", "wall_s", "steps"):
+        for key in SUMMARY_FIELDS:
             if result.get(key) is not None:
                 trial.set_user_attr(key, result[key])
         intermediate = dict(trial.user_attrs.get("intermediate_values", {"speed": {}, "quality": {}}))

@@ -17,6 +17,7 @@ from typing import Any
 
 #: Summary fields a finished trial reports (and the searcher stores).
 SUMMARY_FIELDS = ("throughput_img_s", "throughput_spread", "knn_top1", "knn_top5", "knn_top1_initial",
+                  "view_agreement_initial", "view_agreement", "teacher_entropy", "max_entropy",
                   "data_wait_fraction", "phases_ms", "peak_memory_mb", "memory_kind", "steps", "wall_s",
                   "build_s", "compile_s", "train_s", "stopped_early")
 
