@@ -113,8 +113,8 @@ def view_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     other view; 0: what tells one image from another in one view says nothing about the other view, and
     the best a student can do is a flat distribution (DINO's uniform plateau).
     """
-    a = a.float() - a.float().mean(0)
-    b = b.float() - b.float().mean(0)
+    a, b = a.float(), b.float()
+    a, b = a - a.mean(0), b - b.mean(0)
     return float((a * b).sum() / ((a * a).sum() * (b * b).sum()).sqrt().clamp_min(1e-30))
 
 
