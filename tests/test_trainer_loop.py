@@ -111,7 +111,7 @@ def test_callback_returning_true_stops_the_run_early():
 # ---- failures ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec,reason,step", [("nan@2", "nan", 2), ("oom@1", "oom", 1)])
+@pytest.mark.parametrize("spec,reason,step", [("nan@2", "nan", 2), ("grad@3", "nan", 3), ("oom@1", "oom", 1)])
 def test_injected_fault_ends_the_run_with_its_reason(spec, reason, step, monkeypatch, tmp_path):
     monkeypatch.setenv("TRAINER_INJECT_FAULT", spec)
     events: list[tuple[str, dict]] = []
@@ -122,6 +122,18 @@ def test_injected_fault_ends_the_run_with_its_reason(spec, reason, step, monkeyp
     assert events[-1] == ("failure", result.failure)
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["status"] == "failed" and written["failure"]["reason"] == reason and written["steps"] == step
+
+
+def test_non_finite_gradient_stops_before_the_update_and_names_the_parameter(monkeypatch, tmp_path):
+    # The loss stays finite; one gradient does not (as bf16 convolutions on some CPUs produce). The run
+    # stops at that step, before the optimizer writes NaN into the weights, and says which parameter.
+    monkeypatch.setenv("TRAINER_INJECT_FAULT", "grad@1")
+    result = train(tiny_config(eval__at_start=False), out_dir=tmp_path)
+    assert result.status == "failed" and result.failure["step"] == 1
+    assert result.failure["message"] == "non-finite gradient norm in backbone.net.conv1.weight (precision fp32)"
+    assert len(result.losses) == 1 and math.isfinite(result.losses[0])
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["failure"] == result.failure
 
 
 def test_dead_dataloader_worker_is_reason_dataloader(monkeypatch):

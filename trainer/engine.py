@@ -96,7 +96,8 @@ def classify_failure(exc: BaseException, step: int | None) -> TrainingFailure:
 
 
 def _injected_fault(step: int) -> str | None:
-    """Test hook: `TRAINER_INJECT_FAULT=oom@N|nan@N|kill@N` triggers that fault at optimizer step N."""
+    """Test hook: `TRAINER_INJECT_FAULT=oom@N|nan@N|grad@N|kill@N` triggers that fault at optimizer step N
+    (`grad`: one parameter's gradient turns non-finite while the loss stays finite)."""
     spec = os.environ.get("TRAINER_INJECT_FAULT", "")
     if "@" not in spec:
         return None
@@ -243,6 +244,8 @@ class Run:
         loss_value = total_loss.item() / accum
         if not math.isfinite(loss_value):
             raise TrainingFailure("nan", f"loss is {loss_value}", step)
+        if fault == "grad":
+            self.student_params[0].grad.view(-1)[0] = float("nan")
         self.optimizer_step(step)
         timer.mark("optimizer")
         self.ema_update(self.momentum[step])
@@ -262,9 +265,15 @@ class Run:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.clip_grad
         grads = [p.grad for p in self.student_params if p.grad is not None]
+        norms = torch._foreach_norm(grads) if grads else []
+        if norms and not self.scaler and not bool(torch.isfinite(torch.stack(norms)).all()):
+            # Without a grad scaler nothing would skip this step: stop here, naming the parameter, rather than
+            # let NaN or overflowing values reach the weights. (fp16's scaler skips such steps by design.)
+            named = [n for n, p in self.student.named_parameters() if p.grad is not None]
+            name = next(n for n, norm in zip(named, norms) if not torch.isfinite(norm))
+            raise TrainingFailure("nan", f"non-finite gradient norm in {name} (precision {self.cfg.system.precision})", step)
         if clip > 0 and grads:
             # DINO clips each parameter's gradient norm separately (utils.clip_gradients).
-            norms = torch._foreach_norm(grads)
             scale = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
             torch._foreach_mul_(grads, scale)
         if step < self.freeze_last_steps:
