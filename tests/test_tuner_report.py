@@ -167,7 +167,7 @@ def test_page_is_self_contained_and_has_every_section(fault_report):
     pruned = next(t.number for t in study.trials if t.state == TrialState.PRUNED)
     assert [values(tr["x"]) for tr in history if tr["name"] == "pruned (last value)"] == [[pruned]]
     assert "tuner explain faults" in page and "Not measured yet" in page  # no explain stored yet
-    for text in ("3 complete", "1 oom, 1 killed, 1 nan", "ThresholdPruner", "Hardware: device: cpu"):
+    for text in ("3 complete", "1 oom, 1 killed, 1 nan", "nan: loss is nan (step 2)", "ThresholdPruner", "Hardware: device: cpu"):
         assert text in page
     assert "not drawn: no searched parameter" in page  # the complete trials are the baseline's: no empty figures
     assert "Only the baseline has been measured yet" in page  # the out-of-memory trial measured nothing

@@ -40,6 +40,9 @@ def test_states_match_injected_faults(fault_study):
     assert oom.user_attrs["fail_reason"] == "oom"
     assert oom.state == TrialState.COMPLETE and oom.values == [0.0, 0.0] and max(oom.constraints.values()) > 0
     assert trials["nan@2"].state == TrialState.FAIL and trials["nan@2"].user_attrs["fail_reason"] == "nan"
+    assert trials["nan@2"].user_attrs["fail_step"] == 2 and oom.user_attrs["fail_step"] == 2
+    assert "fail_step" not in trials["kill@2"].user_attrs  # a killed process reports no step
+    assert any("fail: nan at step 2" in line for line in lines)
     assert trials["kill@2"].state == TrialState.FAIL and trials["kill@2"].user_attrs["fail_reason"] == "killed"
     assert summary.states == {"COMPLETE": 3, "PRUNED": 1, "FAIL": 2}
     assert summary.fail_reasons == {"oom": 1, "nan": 1, "killed": 1}

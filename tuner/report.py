@@ -400,6 +400,8 @@ def trials_table(study: optuna.Study) -> str:
         reason = u.get("fail_reason") or u.get("prune_reason") or ""
         if u.get("fail_message"):
             reason += f": {u['fail_message']}"
+        if u.get("fail_step") is not None:
+            reason += f" (step {u['fail_step']})"
         cells = [t.number, t.state.name.lower(), u.get("role", "search")] + [t.params.get(k, "") for k in keys] + [
             _r(u.get("throughput_img_s")), _r(u.get("speedup"), 2), _r(u.get("knn_top1")), _r(u.get("peak_memory_mb"), 0), reason]
         rows.append("<tr>" + "".join(f'<td data-v="{html.escape(str(c))}">{html.escape(str(c))}</td>' for c in cells) + "</tr>")

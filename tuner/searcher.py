@@ -177,7 +177,7 @@ class StudySearcher(Searcher):
             if result.get("fail_reason") == "oom":
                 self._tell_oom(trial, result)
             else:
-                self._tell_fail(trial, result.get("fail_reason", "error"), result.get("fail_message", ""))
+                self._tell_fail(trial, result.get("fail_reason", "error"), result.get("fail_message", ""), result.get("fail_step"))
         else:  # stopped by the study's time limit before it finished
             self._tell_fail(trial, "interrupted", "stopped before it finished (study time limit)")
             requeue(self.study, trial)
@@ -207,6 +207,8 @@ class StudySearcher(Searcher):
     def _tell_oom(self, trial: optuna.trial.Trial, result: dict) -> None:
         trial.set_user_attr("fail_reason", "oom")
         trial.set_user_attr("fail_message", result.get("fail_message", ""))
+        if result.get("fail_step") is not None:
+            trial.set_user_attr("fail_step", int(result["fail_step"]))
         trial.set_user_attr("infeasible", "oom")
         base = self.study.user_attrs
         trial.set_constraint("knn_points", float(base.get("baseline_knn_top1") or 1.0))
@@ -232,9 +234,11 @@ class StudySearcher(Searcher):
         images_per_step = optim["batch_size"] * optim["accumulation_steps"]
         return max(0, budget.steps - done) * images_per_step / float(throughput)
 
-    def _tell_fail(self, trial: optuna.trial.Trial, reason: str, message: str) -> None:
+    def _tell_fail(self, trial: optuna.trial.Trial, reason: str, message: str, step: int | None = None) -> None:
         trial.set_user_attr("fail_reason", reason)
         trial.set_user_attr("fail_message", str(message)[:500])
+        if step is not None:  # the optimizer step the trainer stopped at
+            trial.set_user_attr("fail_step", int(step))
         self.study.tell(trial, state=TrialState.FAIL)
 
     def _set_relative(self, trial: optuna.trial.Trial, role: str, throughput: float, knn: float, peak_mb: float) -> None:
@@ -321,7 +325,7 @@ def progress_line(study: optuna.Study, number: int, n_trials: int | None) -> str
     if u.get("speedup") is not None:
         parts.append(f"x{u['speedup']:.2f}")
     if u.get("fail_reason"):
-        parts.append(f"fail: {u['fail_reason']}")
+        parts.append(f"fail: {u['fail_reason']}" + (f" at step {u['fail_step']}" if u.get("fail_step") is not None else ""))
     if u.get("pruned_phase"):
         parts.append(f"pruned in {u['pruned_phase']}: {u.get('prune_reason', '')}")
     best = best_feasible(study)
