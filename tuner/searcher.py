@@ -205,10 +205,7 @@ class StudySearcher(Searcher):
         self.study.tell(trial, [float(throughput), float(knn)])
 
     def _tell_oom(self, trial: optuna.trial.Trial, result: dict) -> None:
-        trial.set_user_attr("fail_reason", "oom")
-        trial.set_user_attr("fail_message", result.get("fail_message", ""))
-        if result.get("fail_step") is not None:
-            trial.set_user_attr("fail_step", int(result["fail_step"]))
+        _record_failure(trial, "oom", result.get("fail_message", ""), result.get("fail_step"))
         trial.set_user_attr("infeasible", "oom")
         base = self.study.user_attrs
         trial.set_constraint("knn_points", float(base.get("baseline_knn_top1") or 1.0))
@@ -235,10 +232,7 @@ class StudySearcher(Searcher):
         return max(0, budget.steps - done) * images_per_step / float(throughput)
 
     def _tell_fail(self, trial: optuna.trial.Trial, reason: str, message: str, step: int | None = None) -> None:
-        trial.set_user_attr("fail_reason", reason)
-        trial.set_user_attr("fail_message", str(message)[:500])
-        if step is not None:  # the optimizer step the trainer stopped at
-            trial.set_user_attr("fail_step", int(step))
+        _record_failure(trial, reason, str(message)[:500], step)
         self.study.tell(trial, state=TrialState.FAIL)
 
     def _set_relative(self, trial: optuna.trial.Trial, role: str, throughput: float, knn: float, peak_mb: float) -> None:
@@ -307,6 +301,14 @@ def update_baseline_stats(study: optuna.Study, space: SearchSpace) -> None:
                             f"value ({initial:.1f}): this quality phase measures nothing; raise trial.steps")
     else:
         study.set_user_attr("quality_warning", None)
+
+
+def _record_failure(trial: optuna.trial.Trial, reason: str, message: str, step: int | None) -> None:
+    """A failed trial's reason, message and (when the trainer gave one) the optimizer step it stopped at."""
+    trial.set_user_attr("fail_reason", reason)
+    trial.set_user_attr("fail_message", message)
+    if step is not None:
+        trial.set_user_attr("fail_step", int(step))
 
 
 def progress_line(study: optuna.Study, number: int, n_trials: int | None) -> str:
