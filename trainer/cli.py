@@ -27,6 +27,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("config", nargs="?", help="TrainConfig YAML (default: the embedded default)")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--json", action="store_true", help="print the measurement as JSON")
+    q = sub.add_parser("parity", help="check that B trains exactly as A does (B differs only in exact or approximate knobs)",
+                       description="Run N steps of A and of B from the same seed, data, augmentation and initial weights "
+                       "and compare loss, gradient norms, weights, BatchNorm statistics and outputs, within a tolerance "
+                       "measured on this machine. Exit 0: parity ok; 1: parity failed; 2: the pair cannot be compared.")
+    q.add_argument("a", help="TrainConfig YAML of the reference run")
+    q.add_argument("b", help="TrainConfig YAML of the run to check")
+    q.add_argument("--steps", type=int, default=None, help="optimizer steps of each run (default 4)")
+    q.add_argument("--seeds", type=int, default=3, help="seeds for the band of approximate knobs (bf16, fp16, tf32)")
+    q.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
 
@@ -34,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; user mistakes print one line and return 2, failed runs return 1."""
     args = _parser().parse_args(argv)
     try:
+        if args.command == "parity":
+            return _parity(args)
         cfg = TrainConfig.load(args.config, args.overrides)
         if args.command == "bench":
             return _bench(cfg, args)
@@ -130,6 +141,28 @@ def _bench(cfg: TrainConfig, args) -> int:
         (name, ms, f"{100 * ms / sp['step_ms']:.1f}%") for name, ms in sp["phases_ms"].items()
     ]))
     return 0
+
+
+def _parity(args) -> int:
+    from trainer.parity import DEFAULT_STEPS, QUANTITIES, check
+
+    a, b = TrainConfig.load(args.a), TrainConfig.load(args.b)
+    steps = DEFAULT_STEPS if args.steps is None else args.steps
+    if steps < 1 or args.seeds < 1:
+        raise ConfigError(f"--steps {steps} --seeds {args.seeds}: both must be at least 1")
+    say = (lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr))
+    say(f"parity of {args.b} against {args.a}: {steps} steps each")
+    result = check(a, b, steps=steps, seeds=args.seeds, progress=say, source=f"{args.a} vs {args.b}")
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return 0 if result.ok else 1
+    print(format_table(["knob", "A", "B", "class"], [(k, *v) for k, v in result.knobs.items()] or [("(none)", "", "", "")]))
+    print(format_table(["quantity", "max rel. diff", "tolerance", "of tolerance", "where"], [
+        (q, f"{w['diff']:.2e}", f"{w['tolerance']:.2e}", f"{w['ratio']:.2f}", w["where"])
+        for q, w in ((q, result.worst[q]) for q in QUANTITIES)]))
+    print(f"tolerance: {result.tolerance_source}")
+    print(f"{result.line()}  [{result.seconds:.1f} s on {result.device}]")
+    return 0 if result.ok else 1
 
 
 class _Progress:

@@ -105,6 +105,20 @@ def _injected_fault(step: int) -> str | None:
     return kind if at.isdigit() and int(at) == step else None
 
 
+def _planted_math_bug(cfg: TrainConfig) -> bool:
+    """Test hook for parity: `TRAINER_INJECT_FAULT=mathbug:PATH` silently scales the first backbone
+    convolution's gradient by 1.01 in every step of a run whose config field PATH (e.g.
+    `system.channels_last`) is set (true, or a number above 0), the way a kernel bug behind one knob
+    would change the math without any error."""
+    spec = os.environ.get("TRAINER_INJECT_FAULT", "")
+    if not spec.startswith("mathbug:"):
+        return False
+    node: Any = cfg.to_dict()
+    for part in spec.split(":", 1)[1].split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return bool(node) and node not in ("off", "fp32")
+
+
 class Run:
     """The state of one training run; `execute` is the loop."""
 
@@ -116,6 +130,12 @@ class Run:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
         self.stop_requested = False
+        # Per-parameter gradient norms (before clipping) of the last step, when a caller asks (parity).
+        self.record_grad_norms = False
+        self.grad_norms: torch.Tensor | None = None
+        # A permutation of the images within every batch (parity's round-off reference: the same sums
+        # in another order). None in every ordinary run.
+        self.batch_order: torch.Tensor | None = None
         self.losses: list[float] = []
         self.evals: list[dict[str, Any]] = []
         self.step = 0
@@ -196,6 +216,7 @@ class Run:
         self.timer = PhaseTimer(self.device)
         self.student_params = [p for p in self.student.parameters()]
         self.teacher_params = [p for p in self.teacher.parameters()]
+        self.math_bug = _planted_math_bug(cfg)
         self.build_s = time.perf_counter() - t0
         n_params = sum(p.numel() for p in self.student.parameters()) / 1e6
         self.emit("build", {"build_s": self.build_s, "device": str(self.device), "images_per_step": self.images_per_step,
@@ -224,6 +245,8 @@ class Run:
             images = next(batches)
             timer.mark("data")
             views = [v.contiguous(memory_format=self.memory_format) for v in self.multicrop(images, g)]
+            if self.batch_order is not None:
+                views = [v[self.batch_order.to(v.device)] for v in views]
             timer.mark("augment")
             sync = self.student_fwd.no_sync() if micro < accum - 1 and self.dist.world > 1 else contextlib.nullcontext()
             with sync:
@@ -246,6 +269,8 @@ class Run:
             raise TrainingFailure("nan", f"loss is {loss_value}", step)
         if fault == "grad":
             self.student_params[0].grad.view(-1)[0] = float("nan")
+        if self.math_bug:
+            self.student_params[0].grad.mul_(1.01)
         self.optimizer_step(step)
         timer.mark("optimizer")
         self.ema_update(self.momentum[step])
@@ -266,6 +291,8 @@ class Run:
         clip = self.cfg.optim.clip_grad
         grads = [p.grad for p in self.student_params if p.grad is not None]
         norms = torch._foreach_norm(grads) if grads else []
+        if self.record_grad_norms:
+            self.grad_norms = torch.stack(norms).detach().float().cpu() if norms else torch.zeros(0)
         if norms and not self.scaler and not bool(torch.isfinite(torch.stack(norms)).all()):
             # Without a grad scaler nothing would skip this step: stop here, naming the parameter, rather than
             # let NaN or overflowing values reach the weights. (fp16's scaler skips such steps by design.)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -43,6 +45,37 @@ def _resnet(name: str, width: int) -> nn.Module:
     return net
 
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+@contextlib.contextmanager
+def _running_stats_kept(module: nn.Module):
+    """Whatever runs inside leaves the running statistics of `module`'s BatchNorm layers as they were.
+
+    Gradient checkpointing runs a block's forward twice, the second time during backward. Without this,
+    the recomputation updates every BatchNorm's running mean and variance (and its batch counter) a
+    second time with the same batch, so a checkpointed run ends with other running statistics than a
+    plain one (the parity check found it). The recomputed activations are unchanged either way: in
+    training mode BatchNorm normalizes with the batch's own statistics.
+    """
+    norms = [m for m in module.modules() if isinstance(m, _BATCH_NORMS) and m.track_running_stats]
+    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
+def checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`block(x)` with its activations recomputed in backward (non-reentrant), running statistics updated once."""
+    return checkpoint(block, x, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _running_stats_kept(block)))
+
+
 class ResNetBackbone(nn.Module):
     """torchvision ResNet without `fc`. Stems: imagenet (7x7/2 conv + 3x3/2 max-pool, /4), small (3x3/1
     conv + max-pool, /2: for 32 px inputs, where the imagenet stem leaves the last stage 1x1) and cifar
@@ -64,7 +97,7 @@ class ResNetBackbone(nn.Module):
         n = self.net
         x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
         for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
-            x = checkpoint(layer, x, use_reentrant=False) if self.grad_checkpointing and self.training else layer(x)
+            x = checkpointed(layer, x) if self.grad_checkpointing and self.training else layer(x)
         return torch.flatten(n.avgpool(x), 1)
 
 
@@ -101,7 +134,7 @@ class ViTBackbone(nn.Module):
         x = torch.cat([v.class_token.expand(b, -1, -1), x], dim=1)
         x = v.encoder.dropout(x + self._pos_embed(h // self.patch_size, w // self.patch_size))
         for block in v.encoder.layers:
-            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and self.training else block(x)
+            x = checkpointed(block, x) if self.grad_checkpointing and self.training else block(x)
         return v.encoder.ln(x)[:, 0]
 
 
