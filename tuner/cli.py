@@ -31,11 +31,15 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("-o", "--output", type=Path, help="output YAML (default: studies/<name>-trial<N>.yaml)")
         if name == "confirm":
             s.add_argument("--rounds", type=int, default=3, help="interleaved A/B rounds (default 3)")
+            s.add_argument("--parity-steps", type=int, default=None,
+                           help="optimizer steps of the winner's parity check (default 4; 0: skip it)")
     e = sub.add_parser("explain", help="measure the baseline-to-winner path one knob at a time")
     e.add_argument("study", help="a study name (studies/<name>.db) or a storage URL")
     e.add_argument("--study-name", help="which study, when the storage holds several")
     e.add_argument("--pick", default="fastest", help="fastest (default), knee, or trial:N")
     e.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the path (default 3)")
+    e.add_argument("--parity-steps", type=int, default=None,
+                   help="optimizer steps of each knob's parity check (default 4; 0: skip parity)")
     rp = sub.add_parser("report", help="write an offline HTML dashboard of one study, or overlay several")
     rp.add_argument("studies", nargs="+", help="study names or storage URLs (several: one overlaid Pareto plot)")
     rp.add_argument("-o", "--output", type=Path, help="HTML file (default: studies/<name>/report.html)")
@@ -98,8 +102,14 @@ def _confirm(args) -> int:
     from tuner.confirm import confirm
     from tuner.study import load
 
-    confirm(load(args.study, args.study_name), args.pick, args.rounds)
+    _check_parity_steps(args.parity_steps)
+    confirm(load(args.study, args.study_name), args.pick, args.rounds, parity_steps=args.parity_steps)
     return 0
+
+
+def _check_parity_steps(steps: int | None) -> None:
+    if steps is not None and steps < 0:
+        raise ConfigError(f"--parity-steps {steps}: must be 0 (skip parity) or more")
 
 
 def _explain(args) -> int:
@@ -109,8 +119,9 @@ def _explain(args) -> int:
 
     if args.rounds < 1:
         raise ConfigError(f"--rounds {args.rounds}: must be at least 1")
+    _check_parity_steps(args.parity_steps)
     try:
-        record = explain(load(args.study, args.study_name), args.pick, args.rounds)
+        record = explain(load(args.study, args.study_name), args.pick, args.rounds, parity_steps=args.parity_steps)
     except MeasurementFailed as exc:
         raise ConfigError(f"explain: a measurement failed: {exc}") from None
     print(format_explain(record))

@@ -2,7 +2,9 @@
 
 Throughput on a shared machine drifts by tens of percent between runs, so the two configs are measured
 alternately (A B A B ...) in one process, each run only its speed phase, and the speedup is the ratio
-within each round.
+within each round. Then the winner's whole combination of exact and approximate knobs gets one parity
+check: the winner against the winner with every such knob at the baseline's value (method knobs kept),
+so the verdict covers knobs that are harmless alone but not together.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import optuna
 from trainer.config import ConfigError
 from tuner.remeasure import MeasurementFailed, interleaved, measured_config, ratio_stats
 from tuner.select import baseline_trial, pick
+from tuner.verdicts import system_knobs_at_baseline, verdict
 
 
 def confirm(study: optuna.Study, policy: str = "fastest", rounds: int = 3,
-            progress: Callable[[str], None] | None = print) -> dict:
-    """Measure the picked trial and the baseline `rounds` times each, interleaved; store and return the result."""
+            progress: Callable[[str], None] | None = print, parity_steps: int | None = None) -> dict:
+    """Measure the picked trial and the baseline `rounds` times each, interleaved, then check the parity of
+    the winner's system knobs (`parity_steps` optimizer steps; 0 skips it); store and return the result."""
     winner, base = pick(study, policy), baseline_trial(study)
     if base is None:
         raise ConfigError(f"study {study.study_name!r} has no completed baseline trial to compare with")
@@ -38,4 +42,33 @@ def confirm(study: optuna.Study, policy: str = "fastest", rounds: int = 3,
     study.set_user_attr("confirmed_speedups", history)
     say(f"speedup of trial {winner.number} over the baseline: x{median:.2f} "
         f"(range {outcome['speedup_min']:.2f}-{outcome['speedup_max']:.2f} over {rounds} interleaved rounds)")
+    combo = combination_parity(study, winner, base, parity_steps, say)
+    if combo is not None:
+        outcome["parity"] = combo
+    say(verdict(study, winner).text)
     return outcome
+
+
+def combination_parity(study: optuna.Study, winner, base, steps: int | None,
+                       say: Callable[[str], None]) -> dict | None:
+    """Parity of the winner against itself with every exact/approximate knob at the baseline's value;
+    stored as the study's `confirm_parity`. None when there is nothing to check."""
+    from trainer.parity import DEFAULT_STEPS, ParityError, check
+
+    steps = DEFAULT_STEPS if steps is None else steps
+    target = measured_config(study, winner)
+    reference = system_knobs_at_baseline(target, measured_config(study, base))
+    if steps < 1 or reference.to_dict() == target.to_dict():
+        return None
+    say(f"parity of trial {winner.number}'s system knobs together, against the same config with them at the "
+        f"baseline's values ({steps} steps each)")
+    try:
+        result = check(reference, target, steps=steps, progress=say, source=f"confirm: trial {winner.number}")
+        record = {"trial": winner.number, "verdict": result.verdict, "line": result.line(), "steps": steps,
+                  "knobs": result.knobs, "seconds": result.seconds, "worst": result.as_dict()["worst"],
+                  "tolerance_source": result.tolerance_source}
+    except ParityError as exc:
+        record = {"trial": winner.number, "verdict": "unchecked", "line": f"parity not checked: {exc}", "steps": steps}
+    study.set_user_attr("confirm_parity", record)
+    say(f"{', '.join(record.get('knobs') or {}) or 'system knobs'}: {record['line']}")
+    return record

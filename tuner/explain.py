@@ -3,8 +3,10 @@
 The winner differs from the baseline in a handful of knobs. Each knob is first measured alone on the
 baseline (to order them by measured gain); then the path baseline -> +knob1 -> +knob2 ... -> winner is
 measured in interleaved rounds. Every bar in the report's waterfall is one of those measurements,
-never a number inferred from the sampler. The result is stored in the study (user attribute
-`explain`) so the report can draw it later.
+never a number inferred from the sampler. Each exact or approximate knob then gets its parity check
+(the baseline plus that knob against the baseline, `trainer.parity`); a method knob's quality is
+`unmeasured` here. The result is stored in the study (user attributes `explain` and `parity`) so
+status, export and the report can show it later.
 """
 
 from __future__ import annotations
@@ -15,23 +17,13 @@ from typing import Any, Callable
 import optuna
 
 from trainer.config import ConfigError, TrainConfig
+from trainer.knobs import METHOD, flatten, group_class
 from trainer.table import format_table
 from tuner.remeasure import interleaved, measure_throughput, measured_config, ratio_stats
 from tuner.select import baseline_trial, pick
 
 # Fields that say how a trial is measured or seeded, not how it trains; never counted as knobs.
 IGNORED = ("system.seed",)
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def knob_groups(base: TrainConfig, target: TrainConfig) -> list[dict[str, Any]]:
@@ -68,8 +60,9 @@ def knob_groups(base: TrainConfig, target: TrainConfig) -> list[dict[str, Any]]:
 
 
 def explain(study: optuna.Study, policy: str = "fastest", rounds: int = 3, echo: Callable[[str], None] = print,
-            measure: Callable[[TrainConfig], float] = measure_throughput) -> dict[str, Any]:
-    """Measure the baseline-to-winner path one knob at a time; store and return it."""
+            measure: Callable[[TrainConfig], float] = measure_throughput, parity_steps: int | None = None) -> dict[str, Any]:
+    """Measure the baseline-to-winner path one knob at a time, check each exact or approximate knob's
+    parity (`parity_steps` optimizer steps each; 0 skips parity); store and return it."""
     base_t, win_t = baseline_trial(study), pick(study, policy)
     if base_t is None:
         raise ConfigError(f"study {study.study_name!r} has no completed baseline to explain against")
@@ -99,20 +92,69 @@ def explain(study: optuna.Study, policy: str = "fastest", rounds: int = 3, echo:
         to_v = ", ".join(str(v) for v in groups[i].values())
         steps.append({"knob": key, "from": from_v, "to": to_v, "alone_speedup": gains[i],
                       "throughput_img_s": statistics.median(results[n]), "step_speedup": step_speedup,
-                      "cumulative_speedup": cumulative, "spread": spread, "rounds": results[n]})
+                      "cumulative_speedup": cumulative, "spread": spread, "rounds": results[n],
+                      "class": group_class(groups[i], base.to_dict())})
+    parity = knob_parity(base, [groups[i] for i in order], parity_steps, echo)
+    for step, group in zip(steps, (groups[i] for i in order)):
+        step["parity"] = parity.get(", ".join(group))
     record = {"baseline_trial": base_t.number, "winner_trial": win_t.number, "policy": policy, "rounds": rounds,
               "baseline_throughput_img_s": statistics.median(results[0]), "baseline_rounds": results[0], "steps": steps}
     study.set_user_attr("explain", record)
+    study.set_user_attr("parity", {**(study.user_attrs.get("parity") or {}), **parity})
     return record
 
 
+def knob_parity(base: TrainConfig, groups: list[dict[str, Any]], steps: int | None,
+                echo: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    """Parity of the baseline plus each exact or approximate knob group against the baseline alone.
+
+    The baseline's trajectory, its round-off reference and the bands of approximate knobs are measured
+    once and shared by every knob. Returns {knob: the stored record} (method knobs are left out).
+    """
+    from trainer.parity import DEFAULT_STEPS, ParityError, check, trajectory
+
+    steps = DEFAULT_STEPS if steps is None else steps
+    checked = [g for g in groups if group_class(g, base.to_dict()) != METHOD]
+    if not checked or steps < 1:
+        return {}
+    echo(f"parity of {len(checked)} exact/approximate knob(s) against the baseline, {steps} steps each")
+    shared: dict[str, Any] = {"reference": None, "bands": {}, "base": None}
+    out: dict[str, dict[str, Any]] = {}
+    for group in checked:
+        key = ", ".join(group)
+        try:
+            if shared["base"] is None:
+                shared["base"] = trajectory(base, steps)
+            result = check(base, base.with_overrides(group), steps=steps, reference=shared["reference"],
+                           bands=shared["bands"], base=shared["base"], progress=echo, source=f"explain: {key}")
+        except ParityError as exc:  # e.g. an op with no deterministic implementation on this device
+            out[key] = {"verdict": "unchecked", "line": f"parity not checked: {exc}", "steps": steps}
+            echo(f"{key}: {out[key]['line']}")
+            continue
+        shared["reference"] = result.reference
+        out[key] = {"verdict": result.verdict, "line": result.line(), "steps": steps, "seconds": result.seconds,
+                    "max_diff": result.max_diff, "tolerance_source": result.tolerance_source,
+                    "worst": result.as_dict()["worst"], "class": group_class(group, base.to_dict())}
+        echo(f"{key}: {result.line()} [{result.seconds:.1f} s]")
+    return out
+
+
 def format_explain(record: dict[str, Any]) -> str:
-    """knob, from, to, throughput, step speedup, cumulative speedup, spread."""
-    rows = [("baseline", "", "", record["baseline_throughput_img_s"], "", "1.00x", "")]
+    """knob, from, to, throughput, step speedup, cumulative speedup, spread, quality verdict."""
+    rows = [("baseline", "", "", record["baseline_throughput_img_s"], "", "1.00x", "", "")]
     for s in record["steps"]:
         rows.append((s["knob"], s["from"], s["to"], s["throughput_img_s"], f"{s['step_speedup']:.2f}x",
-                     f"{s['cumulative_speedup']:.2f}x", f"±{s['spread']:.2f}x"))
-    return format_table(["knob", "from", "to", "img/s", "step", "cumulative", "spread"], rows)
+                     f"{s['cumulative_speedup']:.2f}x", f"±{s['spread']:.2f}x", quality_cell(s)))
+    return format_table(["knob", "from", "to", "img/s", "step", "cumulative", "spread", "quality"], rows)
+
+
+def quality_cell(step: dict[str, Any]) -> str:
+    """A path step's quality verdict: its parity line, or why it has none."""
+    if step.get("parity"):
+        return step["parity"]["line"]
+    if step.get("class") == METHOD:
+        return "method knob: quality unmeasured (needs kNN)"
+    return "parity not run"
 
 
 def _label(group: dict[str, Any]) -> str:

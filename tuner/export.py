@@ -8,6 +8,7 @@ import optuna
 
 from trainer.config import TrainConfig
 from tuner.select import baseline_trial, is_feasible, pick
+from tuner.verdicts import verdict
 
 
 def export(study: optuna.Study, policy: str = "fastest", out: str | Path | None = None) -> tuple[Path, str]:
@@ -36,9 +37,14 @@ def export_header(study: optuna.Study, trial: optuna.trial.FrozenTrial, policy: 
             noise = s.get("knn_noise_points")
             knn += f"; baseline {s['baseline_knn_top1']:.2f}%"
             knn += f", noise {noise:.2f} points" if noise is not None else ", noise not measured"
-            if u.get("knn_within_noise"):
+            if u.get("knn_within_noise") and not s.get("quality_warning"):  # only where the check could have failed
                 knn += "; the difference is within noise"
         lines.append(knn + ".")
+    quality = verdict(study, trial)
+    lines.append(quality.text[0].upper() + quality.text[1:] + ".")
+    if quality.failed:
+        lines.append("WARNING: a knob of this trial failed parity: it changes what training computes; "
+                     "see `tuner status` and the report.")
     if not is_feasible(trial):
         lines.append("WARNING: this trial is not feasible (its kNN or memory constraint is violated).")
     confirm = s.get("confirm")

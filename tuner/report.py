@@ -27,7 +27,9 @@ from plotly.subplots import make_subplots
 
 from trainer.events import PHASES
 from tuner.select import baseline_trial, best_feasible, is_feasible, pareto_set
+from tuner.explain import quality_cell
 from tuner.summary import StudySummary, summarize
+from tuner.verdicts import verdict
 
 STATE_STYLE = {  # marker per trial kind on the Pareto plot
     "complete": dict(color="#1f77b4", symbol="circle", size=9),
@@ -153,9 +155,14 @@ def headline(study: optuna.Study, s: StudySummary) -> str:
     elif win is not None and win.user_attrs.get("speedup") is not None:
         card("speedup (unconfirmed)", f"{win.user_attrs['speedup']:.2f}x", "run `tuner confirm` for its spread")
     card("kNN top-1 baseline / winner", f"{_num(knn(base))} / {_num(knn(win))}", "percent")
+    if win is not None:
+        quality = verdict(study, win)
+        card("quality verdict", "parity FAILED" if quality.failed else (
+            "unmeasured" if quality.method_changes else "parity" if quality.system_changes else "-"),
+            quality.text.removeprefix("quality: "))
     if knn(base) is not None and knn(win) is not None:
         noise = s.knn_noise_points
-        within = noise is not None and abs(knn(win) - knn(base)) <= noise
+        within = noise is not None and abs(knn(win) - knn(base)) <= noise and not s.measures_nothing
         card("kNN difference", f"{knn(win) - knn(base):+.1f} pts",
              f"noise {noise:.1f} pts{' (within noise)' if within else ''}" if noise is not None else "noise not measured")
     trials = study.get_trials(deepcopy=False)
@@ -269,7 +276,17 @@ def waterfall_section(study: optuna.Study, page: Page) -> str:
     ))
     fig.update_layout(title=f"Speedup path, trial {explain.get('baseline_trial')} → trial {explain.get('winner_trial')} "
                       "(each bar measured, median of repeats)", yaxis_title="throughput (images/s)", height=460)
-    return page.figure(fig)
+    rows = "".join(
+        f"<tr><td>{html.escape(s['knob'])}</td><td>{html.escape(str(s.get('class', '-')))}</td>"
+        f"<td>{s['step_speedup']:.2f}x</td><td class=\"{_parity_css(s)}\">{html.escape(quality_cell(s))}</td></tr>"
+        for s in steps)
+    table = (f'<table class="trials" id="parity"><thead><tr><th>knob</th><th>class</th><th>step speedup</th>'
+             f"<th>quality verdict</th></tr></thead><tbody>{rows}</tbody></table>")
+    return page.figure(fig) + table
+
+
+def _parity_css(step: dict[str, Any]) -> str:
+    return "warn" if (step.get("parity") or {}).get("verdict") == "failed" else ""
 
 
 def phases_figure(study: optuna.Study) -> go.Figure | None:

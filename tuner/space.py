@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from trainer.config import ConfigError, TrainConfig, read_yaml_mapping
+from trainer.knobs import knob_class
 
 #: Params under this prefix set an environment variable of the trial process instead of a config field
 #: (e.g. ``env.TRAINER_INJECT_FAULT`` for fault-injection tests, or allocator settings).
@@ -326,6 +327,10 @@ class SearchSpace(_Strict):
             if field is None:
                 raise ConfigError(f"{src}: params.{name}: not a TrainConfig field (e.g. crops.local_crops, "
                                   f"model.head.out_dim, optim.batch_size, system.num_workers)")
+            try:
+                knob_class(name, base.to_dict())  # every knob has a declared class, so it gets a quality verdict
+            except ConfigError as exc:
+                raise ConfigError(f"{src}: params.{name}: {exc}") from None
             values = param.choices if param.choices is not None else [param.low, param.high]
             if param.choices is None and param.is_int:
                 values = [int(v) for v in values]

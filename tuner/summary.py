@@ -11,6 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from trainer.table import format_table
 from tuner.select import baseline_trial, best_feasible, is_feasible, pareto_set
+from tuner.verdicts import parity_failures, verdict
 
 
 @dataclass
@@ -55,6 +56,8 @@ class StudySummary:
     warnings: list[str] = field(default_factory=list)
     hardware: dict[str, Any] = field(default_factory=dict)
     confirm: dict[str, Any] | None = None
+    quality: str | None = None  # the best feasible trial's quality verdict (`tuner.verdicts`)
+    measures_nothing: bool = False  # the baseline's kNN did not move: no kNN difference means anything
 
     @property
     def n_trials(self) -> int:
@@ -66,11 +69,13 @@ def summarize(study: optuna.Study, storage_url: str = "") -> StudySummary:
     trials = study.get_trials(deepcopy=False)
     attrs = study.user_attrs
     warnings = [w for w in (attrs.get("quality_warning"),) if w]
+    warnings += [f"parity FAILED for {line}" for line in parity_failures(study)]
     if attrs.get("baseline_trial") is None:
         warnings.append("no completed baseline yet: speedups and the kNN constraint are not known")
     elif attrs.get("knn_noise_points") is None:
         warnings.append("kNN noise not measured (constraints.knn_noise_seeds < 2 or the noise trial did not finish)")
     base, best = baseline_trial(study), best_feasible(study)
+    quality = verdict(study, best).text if best is not None else None
     return StudySummary(
         study_name=study.study_name, storage_url=storage_url,
         states=dict(Counter(t.state.name for t in trials)),
@@ -80,12 +85,14 @@ def summarize(study: optuna.Study, storage_url: str = "") -> StudySummary:
         knn_noise_points=attrs.get("knn_noise_points"), knn_tolerance_points=attrs.get("knn_tolerance_effective"),
         time_saved_by_pruning_s=sum(t.user_attrs.get("time_saved_s", 0.0) for t in trials if t.state == TrialState.PRUNED),
         warnings=warnings, hardware=attrs.get("hardware", {}), confirm=attrs.get("confirm"),
+        quality=quality, measures_nothing=bool(attrs.get("quality_warning")),
     )
 
 
 def knn_note(row: TrialRow, summary: StudySummary) -> str:
-    """'within noise' when a kNN difference from the baseline is not larger than the measured noise."""
-    if row.role != "search" or row.knn_top1 is None or summary.baseline is None:
+    """'within noise' when a kNN difference from the baseline is not larger than the measured noise, and only
+    where the kNN check could have failed (not when the baseline's own kNN did not move)."""
+    if row.role != "search" or row.knn_top1 is None or summary.baseline is None or summary.measures_nothing:
         return ""
     return "within noise" if row.within_noise else ""
 
@@ -107,6 +114,8 @@ def format_status(s: StudySummary) -> str:
         note = knn_note(b, s)
         out.append(f"best feasible: trial {b.number}, {b.throughput_img_s:.1f} img/s, x{(b.speedup or float('nan')):.2f}, "
                    f"kNN {b.knn_top1:.1f}{' (' + note + ')' if note else ''}")
+        if s.quality:
+            out.append(f"  {s.quality}")
     if s.time_saved_by_pruning_s:
         out.append(f"pruning saved about {s.time_saved_by_pruning_s:.0f} s of trial time")
     if s.pareto:
