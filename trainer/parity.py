@@ -73,6 +73,12 @@ class Trajectory:
     seconds: float
 
     @property
+    def skipped(self) -> torch.Tensor:
+        """Steps whose gradients were not finite: fp16's grad scaler skips them by design (without a scaler
+        the trainer stops at such a step instead)."""
+        return ~torch.isfinite(self.param_grad_norms).all(dim=1)
+
+    @property
     def grad_norms(self) -> torch.Tensor:
         """The global gradient norm per step."""
         return self.param_grad_norms.double().pow(2).sum(dim=1).sqrt()
@@ -231,11 +237,15 @@ def compare(a: Trajectory, b: Trajectory) -> tuple[dict[str, torch.Tensor], dict
     where: dict[str, list[str]] = {}
     la, lb = (torch.tensor(t.losses[:steps], dtype=torch.float64) for t in (a, b))
     diffs["loss"], where["loss"] = _rel(la, lb), [f"step {i}" for i in range(steps)]
-    diffs["grad_norm"], where["grad_norm"] = _rel(a.grad_norms[:steps], b.grad_norms[:steps]), where["loss"]
+    # A step a grad scaler skipped (non-finite gradients, by design of fp16 scaling) has no gradient to compare.
+    skipped = a.skipped[:steps] | b.skipped[:steps]
+    diffs["grad_norm"] = torch.where(skipped, 0.0, _rel(a.grad_norms[:steps], b.grad_norms[:steps]))
+    where["grad_norm"] = [f"step {i}" + (" (skipped by the grad scaler)" if skipped[i] else "") for i in range(steps)]
     per = torch.nan_to_num(_rel(a.param_grad_norms[:steps], b.param_grad_norms[:steps]), nan=math.inf)
+    per = torch.where(skipped[:, None], 0.0, per)
     worst, index = per.max(dim=1) if per.shape[1] else (torch.zeros(steps, dtype=torch.float64), torch.zeros(steps, dtype=torch.long))
     diffs["param_grad_norms"] = worst
-    where["param_grad_norms"] = [f"step {i}, {a.param_names[int(j)]}" for i, j in enumerate(index)]
+    where["param_grad_norms"] = [f"{where['grad_norm'][i]}, {a.param_names[int(j)]}" for i, j in enumerate(index)]
     # Weights relative to how far the steps moved them: the first steps are tiny steps of the lr warm-up.
     moved = {n: float((w - a.start[n]).double().norm()) for n, w in a.weights.items()}
     gaps = {n: float((b.weights[n] - w).double().norm()) for n, w in a.weights.items()}
