@@ -41,6 +41,8 @@ def test_baseline_defaults_to_the_classic_dino_settings(tmp_path, tiny_space):
     ({"bogus": 1}, "unknown field 'bogus'; allowed keys: name, base, baseline, params"),
     ({"params": {"crops.nope": {"choices": [1]}}}, "params.crops.nope: not a TrainConfig field"),
     ({"params": {"crops.local_crops": {"choices": [0, 99]}}}, "params.crops.local_crops: value 99 is not allowed"),
+    ({"params": {"eval.knn_k": {"choices": [10, 20]}}}, "params.eval.knn_k: eval.knn_k is not a knob: the evaluation's definition"),
+    ({"params": {"system.seed": {"choices": [0, 1]}}}, "params.system.seed: system.seed is not a knob"),
     ({"params": {"crops.local_crops": {"low": 4, "high": 2}}}, "params.crops.local_crops: low (4.0) must be <= high"),
     ({"params": {"crops.local_crops": {"choices": [1], "lo": 2}}}, "unknown field 'params.crops.local_crops.lo'; allowed keys: choices, low"),
     ({"params": {"system.prefetch_factor": {"choices": [2], "when": "system.num_workers >> 0"}}}, "must look like"),
