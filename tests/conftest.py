@@ -17,7 +17,7 @@ TINY_BASE = {
     "crops.global_size": 16, "crops.local_size": 8, "model.width": 8,
     "model.head.out_dim": 64, "model.head.hidden_dim": 64, "model.head.bottleneck_dim": 32,
     "optim.batch_size": 16, "budget.steps": 4, "measure.warmup_steps": 1, "measure.window_steps": 1,
-    "measure.windows": 2, "eval.every_steps": 0,
+    "measure.windows": 2, "measure.profile_steps": 1, "eval.every_steps": 0,
 }
 TINY_TRIAL = {"warmup_steps": 1, "window_steps": 2, "windows": 2, "steps": 8, "eval_every_steps": 4, "timeout_s": 120}
 

@@ -43,7 +43,7 @@ def test_speed_report_has_the_configured_windows_and_sane_numbers(measured_run):
     assert all(ms >= 0 for ms in sp.phases_ms.values())
     for phase in ("augment", "teacher_forward", "student_forward", "backward", "optimizer"):
         assert sp.phases_ms[phase] > 0, phase
-    assert sum(sp.phases_ms.values()) <= sp.step_ms * 1.05
+    assert sum(sp.phases_ms.values()) <= sp.profiled_step_ms * 1.05  # the phases of the profiled steps
     assert 0.0 <= sp.data_wait_fraction <= 1.0
     assert sp.peak_memory_mb > 0 and sp.memory_kind == "cpu_peak_rss"
     assert sp.build_s > 0 and sp.first_step_s > 0 and sp.compile_s == 0.0

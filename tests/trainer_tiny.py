@@ -20,7 +20,7 @@ TINY = {
     "data.dataset": "synthetic", "data.synthetic_size": 64, "model.width": 16,
     "model.head.out_dim": 64, "model.head.hidden_dim": 64, "model.head.bottleneck_dim": 32,
     "optim.batch_size": 16, "budget.steps": 6, "system.device": "cpu",
-    "measure.warmup_steps": 1, "measure.window_steps": 2, "measure.windows": 2,
+    "measure.warmup_steps": 1, "measure.window_steps": 2, "measure.windows": 2, "measure.profile_steps": 1,
 }
 TINY_STEPS_PER_EPOCH = 3
 

@@ -194,11 +194,14 @@ class EvalConfig(_Strict):
 
 
 class MeasureConfig(_Strict):
-    """The speed phase: warm-up steps not counted, then timed windows of steps."""
+    """The speed phase: warm-up steps not counted, timed windows of steps, then profiled steps."""
 
     warmup_steps: int = Field(3, ge=0, le=10000)
-    window_steps: int = Field(5, ge=1, le=10000)
+    window_steps: int = Field(5, ge=1, le=10000, description="Steps per timed window (synchronized only at its ends).")
     windows: int = Field(3, ge=1, le=1000)
+    profile_steps: int = Field(
+        2, ge=0, le=1000, description="Steps after the windows whose time is broken down by phase (synchronized "
+        "at every phase on a GPU, so never part of the throughput); 0: no breakdown.")
 
 
 class TrainConfig(_Strict):

@@ -30,7 +30,7 @@ from trainer.data import EpochBatchSampler, build_splits, collate_batch
 from trainer.events import Callback, SpeedReport, TrainingFailure
 from trainer.knn import extract_features, weighted_knn
 from trainer.loss import DINOLoss, view_agreement
-from trainer.measure import PhaseTimer, peak_memory_mb, summarize_windows
+from trainer.measure import PhaseTimer, SpeedClock, peak_memory_mb, summarize_windows
 from trainer.model import DINOHead, MultiCropWrapper, build_backbone
 from trainer.schedules import cosine_schedule
 
@@ -432,10 +432,8 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
         speed = SpeedReport(**state["speed"])
     if not resume and cfg.eval.at_start and not speed_only:
         knn_initial = run.evaluate()
-    speed_steps = m.warmup_steps + m.windows * m.window_steps
-    windows: list[float] = []
-    window_time = data_time = timed_steps = 0.0
-    step_times: list[float] = []
+    clock = SpeedClock(m.warmup_steps, m.windows, m.window_steps, m.profile_steps, run.device, run.timer,
+                       run.images_per_step)
     first_step_s = 0.0
     # Training time carries over a resume, so time limits and training throughput cover the whole run.
     train_time, log_every = state.get("train_s", 0.0), max(1, min(50, run.steps_per_epoch))
@@ -450,33 +448,27 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
         run.sampler.epoch, run.sampler.start = epoch, start * cfg.optim.accumulation_steps
         batches = iter(run.loader)
         for _ in range(start, run.steps_per_epoch):
-            in_speed_phase = speed is None and run.step < speed_steps
-            run.timer.enabled = in_speed_phase and run.step >= m.warmup_steps
+            in_speed_phase = speed is None and run.step < clock.total_steps
+            if in_speed_phase:
+                clock.before_step(run.step)
+            else:
+                run.timer.enabled = False
             run.dino_loss.track_entropy = (run.step + 1) % log_every == 0 or run.step + 1 == run.total_steps
             t0 = time.perf_counter()
             loss = run.train_step(batches)
-            if run.device.type == "cuda" and in_speed_phase:
-                torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             train_time += dt
             if run.step == 0:
                 first_step_s = dt
             run.losses.append(loss)
             run.step += 1
-            if run.timer.enabled:
-                window_time += dt
-                timed_steps += 1
-                step_times.append(dt)
-                if timed_steps % m.window_steps == 0:
-                    tp = m.window_steps * run.images_per_step / window_time
-                    windows.append(tp)
-                    wait = run.timer.totals.get("data", 0.0) / max(1e-9, sum(step_times))
-                    run.emit("window", {"step": run.step, "window": len(windows), "throughput_img_s": tp,
-                                        "data_wait_fraction": wait})
-                    window_time = 0.0
-                    if len(windows) == m.windows:
-                        speed = _speed_report(run, windows, step_times, first_step_s)
-                        run.emit("speed", speed.as_dict())
+            if in_speed_phase:
+                tp = clock.after_step(run.step - 1, dt)
+                if tp is not None:
+                    run.emit("window", {"step": run.step, "window": len(clock.windows), "throughput_img_s": tp})
+                if clock.done:
+                    speed = _speed_report(run, clock, first_step_s)
+                    run.emit("speed", speed.as_dict())
             if run.step % log_every == 0 or run.step == run.total_steps:
                 now = time.perf_counter()
                 run.emit("log", {"step": run.step, "epoch": run.step / run.steps_per_epoch, "loss": loss,
@@ -490,21 +482,25 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
                 stop_reason = "time_limit"
             if run.stop_requested or stop_reason or run.step >= run.total_steps:
                 break
+            t_aside = time.perf_counter()
             if cfg.eval.every_steps and run.step % cfg.eval.every_steps == 0:
                 run.evaluate()
                 t_log = time.perf_counter()  # evaluation time is not training throughput
             if cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0:
                 run.save_checkpoint(progress())
+            clock.pause(time.perf_counter() - t_aside)
         else:  # the epoch ran to its end
+            t_aside = time.perf_counter()
             if cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0 and run.step < run.total_steps:
                 run.evaluate()
                 t_log = time.perf_counter()
             if not cfg.checkpoint_every_steps:
                 run.save_checkpoint(progress())
+            clock.pause(time.perf_counter() - t_aside)
             continue
         break
-    if speed is None and step_times:
-        speed = _speed_report(run, windows or [len(step_times) * run.images_per_step / sum(step_times)], step_times, first_step_s)
+    if speed is None and clock.step_s:  # the budget ended inside the speed phase
+        speed = _speed_report(run, clock, first_step_s)
     final = run.evaluate() if not speed_only else {}
     run.save_checkpoint(progress())
     summary = _summary(run, speed, knn_initial, final, train_time, time.perf_counter() - t_start,
@@ -514,19 +510,24 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
     return RunResult("ok", summary, speed, None, run.losses)
 
 
-def _speed_report(run: Run, windows: list[float], step_times: list[float], first_step_s: float) -> SpeedReport:
+def _speed_report(run: Run, clock: SpeedClock, first_step_s: float) -> SpeedReport:
+    windows = clock.windows or [len(clock.step_s) * run.images_per_step / sum(clock.step_s)]
     median, spread = summarize_windows(windows)
-    timed = sum(step_times)
-    phases = run.timer.per_step_ms(len(step_times))
+    window_s, window_steps = (sum(clock.window_s), len(clock.window_s) * clock.window_steps) if clock.window_s else (
+        sum(clock.step_s), len(clock.step_s))
+    profiled = sum(clock.profile_s)
     mem, kind = peak_memory_mb(run.device)
-    step_ms = 1000.0 * timed / len(step_times)
+    step_ms = 1000.0 * window_s / window_steps
     compile_s = max(0.0, first_step_s - step_ms / 1000.0) if run.cfg.system.compile != "off" else 0.0
     return SpeedReport(
         throughput_img_s=median, throughput_spread=spread, throughput_windows=windows,
-        data_wait_fraction=run.timer.totals.get("data", 0.0) / timed if timed else 0.0,
-        phases_ms=phases, step_ms=step_ms, peak_memory_mb=mem, memory_kind=kind,
+        data_wait_fraction=run.timer.totals.get("data", 0.0) / profiled if profiled else 0.0,
+        phases_ms=run.timer.per_step_ms(len(clock.profile_s)), step_ms=step_ms, peak_memory_mb=mem, memory_kind=kind,
         images_per_step=run.images_per_step, warmup_steps=run.cfg.measure.warmup_steps,
-        timed_steps=len(step_times), first_step_s=first_step_s, compile_s=compile_s, build_s=run.build_s,
+        timed_steps=window_steps, first_step_s=first_step_s, compile_s=compile_s, build_s=run.build_s,
+        profiled_step_ms=1000.0 * profiled / len(clock.profile_s) if clock.profile_s else 0.0,
+        window_step_range=[clock.warmup, clock.warmup + window_steps],
+        profiled_step_range=[clock.profile_range[0], clock.profile_range[0] + len(clock.profile_s)],
     )
 
 
@@ -541,6 +542,8 @@ def _summary(run: Run, speed: SpeedReport | None, initial, final, train_time: fl
         "view_agreement_initial": initial.get("view_agreement"), "view_agreement": final.get("view_agreement"),
         "throughput_img_s": s.get("throughput_img_s"), "throughput_spread": s.get("throughput_spread"),
         "data_wait_fraction": s.get("data_wait_fraction"), "phases_ms": s.get("phases_ms"),
+        # which optimizer steps each figure came from: throughput from the windows, phases from profiled steps
+        "window_step_range": s.get("window_step_range"), "profiled_step_range": s.get("profiled_step_range"),
         "train_throughput_img_s": run.step * run.images_per_step / train_time if train_time else None,
         "peak_memory_mb": mem, "memory_kind": kind, "steps": run.step,
         "epochs": run.step / run.steps_per_epoch, "wall_s": wall, "train_s": train_time,

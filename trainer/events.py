@@ -4,8 +4,7 @@
 the tuner can store them and the CLI can print them). The events, in order:
 
 - ``"build"``: ``{"build_s", "device", "images_per_step", "params_m"}`` once the model and data exist.
-- ``"window"``: one timed window of the speed phase: ``{"step", "window", "throughput_img_s",
-  "data_wait_fraction"}``.
+- ``"window"``: one timed window of the speed phase: ``{"step", "window", "throughput_img_s"}``.
 - ``"speed"``: the speed phase's measurement (see `SpeedReport`), after its last window.
 - ``"log"``: ``{"step", "epoch", "loss", "lr", "throughput_img_s", "teacher_entropy", "batch_entropy",
   "max_entropy"}`` every few steps; the entropies (nats) are the collapse monitor of `trainer.loss`.
@@ -48,9 +47,11 @@ class TrainingFailure(RuntimeError):
 class SpeedReport:
     """The speed phase, measured end to end including data loading; warm-up excluded.
 
-    ``throughput_img_s`` is the median over windows; ``throughput_spread`` is (max - min) / median of
-    the windows. ``phases_ms`` is the mean time per optimizer step in each phase, ``data_wait_fraction``
-    the share of step time spent waiting for the next batch (loader + host-to-device copy).
+    ``throughput_img_s`` is the median over windows, timed at the windows' ends only (optimizer steps
+    ``window_step_range``); ``throughput_spread`` is (max - min) / median of the windows; ``step_ms``
+    the windows' mean time per step. ``phases_ms`` (mean time per step in each phase) and
+    ``data_wait_fraction`` (the share of step time spent waiting for the next batch) come from the
+    separate profiled steps ``profiled_step_range``, synchronized at every phase on a GPU.
     """
 
     throughput_img_s: float
@@ -68,6 +69,9 @@ class SpeedReport:
     compile_s: float
     build_s: float
     extra: dict[str, Any] = field(default_factory=dict)
+    profiled_step_ms: float = 0.0
+    window_step_range: list[int] = field(default_factory=list)
+    profiled_step_range: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for events, JSON and the tuner's storage."""

@@ -111,6 +111,7 @@ NOT_KNOBS: dict[str, str] = {
     "measure.warmup_steps": "how the speed phase measures (set by the study's trial budget)",
     "measure.window_steps": "how the speed phase measures (set by the study's trial budget)",
     "measure.windows": "how the speed phase measures (set by the study's trial budget)",
+    "measure.profile_steps": "how the speed phase measures (set by the study's trial budget)",
     "checkpoint_every_steps": "when to write checkpoints",
 }
 

@@ -1,4 +1,13 @@
-"""Timing built into the loop: per-phase step timers, windowed throughput, peak memory."""
+"""Timing built into the loop: the speed phase's clock, per-phase step timers, peak memory.
+
+The speed phase is warm-up steps (not timed), then timed windows, then profiled steps. A window is
+timed at its two ends only: one device synchronization before reading the clock at its start and one
+at its end, nothing inside a step, so the window runs the loop exactly as `trainer train` does and
+whatever overlap pinned memory, prefetching or CUDA graphs buy is in the throughput. The breakdown by
+phase (data, augmentation, forwards, loss, backward, optimizer, EMA) needs a synchronization at every
+phase boundary on a GPU, which would remove that overlap; it is therefore measured on separate
+profiled steps after the windows and never mixed into the throughput.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +21,19 @@ import torch
 from trainer.events import PHASES
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU, whose work is synchronous already)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class PhaseTimer:
-    """Accumulates wall time per phase of a step. On CUDA every region is synchronized, so a phase's
-    time is the work it launched, not the time to queue it; on the CPU the work is synchronous already.
-    When disabled it costs nothing and adds no synchronization (used after the speed phase)."""
+    """Accumulates wall time per phase of a step, for profiled steps only. On CUDA every region is
+    synchronized, so a phase's time is the work it launched, not the time to queue it; on the CPU the
+    work is synchronous already. When disabled it costs nothing and adds no synchronization."""
 
     def __init__(self, device: torch.device):
-        self.sync = device.type == "cuda"
+        self.device = device
         self.enabled = False
         self.totals: dict[str, float] = defaultdict(float)
         self._last = 0.0
@@ -40,11 +55,75 @@ class PhaseTimer:
         self.totals.clear()
 
     def _sync(self) -> None:
-        if self.sync:
-            torch.cuda.synchronize()
+        synchronize(self.device)
 
     def per_step_ms(self, steps: int) -> dict[str, float]:
         return {p: 1000.0 * self.totals.get(p, 0.0) / max(1, steps) for p in PHASES}
+
+
+class SpeedClock:
+    """The speed phase of a run: `warmup` steps, `windows` timed windows of `window_steps` steps, then
+    `profile_steps` profiled steps (see the module docstring). Step indices are the run's optimizer steps."""
+
+    def __init__(self, warmup: int, windows: int, window_steps: int, profile_steps: int, device: torch.device,
+                 timer: PhaseTimer, images_per_step: int):
+        self.warmup, self.n_windows, self.window_steps, self.profile_steps = warmup, windows, window_steps, profile_steps
+        self.device, self.timer, self.images_per_step = device, timer, images_per_step
+        self.windows: list[float] = []  # throughput of each window, images/s
+        self.window_s: list[float] = []  # seconds of each window
+        self.profile_s: list[float] = []  # seconds of each profiled step
+        self.step_s: list[float] = []  # host seconds of each windowed step (a fallback for a cut-short phase)
+        self._t_window = self._paused = 0.0
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup + self.n_windows * self.window_steps + self.profile_steps
+
+    @property
+    def window_range(self) -> list[int]:
+        """[first, last + 1) optimizer steps of the timed windows."""
+        return [self.warmup, self.warmup + self.n_windows * self.window_steps]
+
+    @property
+    def profile_range(self) -> list[int]:
+        """[first, last + 1) optimizer steps of the profiled steps."""
+        return [self.window_range[1], self.total_steps]
+
+    def _window_index(self, step: int) -> int | None:
+        k = step - self.warmup
+        return k if 0 <= k < self.n_windows * self.window_steps else None
+
+    def before_step(self, step: int) -> None:
+        """Open a window (synchronize, read the clock) when `step` starts one; time phases on profiled steps."""
+        k = self._window_index(step)
+        self.timer.enabled = self.profile_range[0] <= step < self.profile_range[1]
+        if k is not None and k % self.window_steps == 0:
+            synchronize(self.device)
+            self._t_window, self._paused = time.perf_counter(), 0.0
+
+    def after_step(self, step: int, host_s: float) -> float | None:
+        """Close a window when `step` ends one (synchronize, read the clock); returns its throughput."""
+        k = self._window_index(step)
+        if self.timer.enabled:
+            self.profile_s.append(host_s)
+        if k is None:
+            return None
+        self.step_s.append(host_s)
+        if (k + 1) % self.window_steps:
+            return None
+        synchronize(self.device)
+        seconds = time.perf_counter() - self._t_window - self._paused
+        self.window_s.append(seconds)
+        self.windows.append(self.window_steps * self.images_per_step / seconds)
+        return self.windows[-1]
+
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` of non-training work (an evaluation, a checkpoint) out of an open window."""
+        self._paused += seconds
+
+    @property
+    def done(self) -> bool:
+        return len(self.windows) == self.n_windows and len(self.profile_s) >= self.profile_steps
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:

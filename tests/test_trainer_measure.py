@@ -1,0 +1,62 @@
+"""The speed phase's protocol: timed windows synchronize the device only at their two ends, the phase
+breakdown comes from separate profiled steps, and summary.json says which steps each figure came from.
+
+On a CPU machine, `trainer.measure.synchronize` is replaced by a counting stand-in (as are
+`torch.cuda.synchronize` and `torch.cuda.Event`, which nothing in a window may touch) and every training
+step leaves a marker, so the test reads the exact order of steps and synchronizations.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from trainer_tiny import one_thread, tiny_config  # noqa: F401 (a fixture)
+
+from trainer import engine, measure
+from trainer.events import PHASES
+
+
+def test_timed_windows_synchronize_only_at_their_ends_and_phases_come_from_profiled_steps(monkeypatch, tmp_path, one_thread):
+    trace: list[str] = []
+    monkeypatch.setattr(measure, "synchronize", lambda device: trace.append("sync"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: trace.append("cuda.synchronize"))
+    monkeypatch.setattr(torch.cuda, "Event", lambda *a, **k: trace.append("cuda.Event"))
+    step = engine.Run.train_step
+    monkeypatch.setattr(engine.Run, "train_step", lambda self, batches: (trace.append("step"), step(self, batches))[1])
+
+    def on_event(event, payload):
+        if event in ("window", "speed"):
+            trace.append(event)
+
+    config = tiny_config(budget__steps=12, measure__warmup_steps=2, measure__window_steps=3, measure__windows=2,
+                         measure__profile_steps=2, eval__at_start=False)
+    result = engine.train(config, callback=on_event, out_dir=tmp_path)
+    assert result.status == "ok"
+    marks = [m for m in trace if m != "log"]
+    window = ["sync", "step", "step", "step", "sync", "window"]
+    profiled = ["step"] + ["sync"] * (1 + len(PHASES))  # in the step: the timer's start, then one per phase
+    assert marks[:2] == ["step", "step"]  # warm-up: no clock at all
+    assert marks[2:14] == window + window
+    assert marks[14:14 + 2 * len(profiled)] == profiled + profiled
+    assert marks[14 + 2 * len(profiled)] == "speed"
+    assert marks[15 + 2 * len(profiled):] == ["step"] * 2  # after the speed phase: no synchronization
+    assert "cuda.synchronize" not in trace and "cuda.Event" not in trace
+
+    speed = result.speed
+    assert speed.window_step_range == [2, 8] and speed.profiled_step_range == [8, 10] and speed.timed_steps == 6
+    assert len(speed.throughput_windows) == 2 and all(tp > 0 for tp in speed.throughput_windows)
+    assert set(speed.phases_ms) == set(PHASES) and all(ms > 0 for ms in speed.phases_ms.values())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["window_step_range"] == [2, 8] and summary["profiled_step_range"] == [8, 10]
+
+
+def test_without_profiled_steps_there_is_no_phase_breakdown_and_no_synchronization_inside_steps(monkeypatch, one_thread):
+    calls: list[str] = []
+    monkeypatch.setattr(measure, "synchronize", lambda device: calls.append("sync"))
+    config = tiny_config(budget__steps=6, measure__warmup_steps=1, measure__window_steps=2, measure__windows=2,
+                         measure__profile_steps=0, eval__at_start=False)
+    result = engine.train(config, speed_only=True)
+    assert calls == ["sync"] * 4  # two windows, two ends each
+    assert result.speed.profiled_step_range == [5, 5] and all(ms == 0.0 for ms in result.speed.phases_ms.values())
+    assert result.summary["steps"] == 5  # speed_only stops when the speed phase is done
