@@ -303,7 +303,7 @@ def phases_figure(study: optuna.Study) -> go.Figure | None:
     for phase in PHASES:
         fig.add_trace(go.Bar(name=phase.replace("_", " "), x=names,
                              y=[t.user_attrs["phases_ms"].get(phase, 0.0) for _, t in chosen]))
-    fig.update_layout(barmode="stack", title="Where the time goes (ms per optimizer step, speed phase)",
+    fig.update_layout(barmode="stack", title="Where the time goes (ms per optimizer step, from profiled steps after the throughput windows)",
                       yaxis_title="ms per step", height=440)
     return fig
 
