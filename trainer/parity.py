@@ -19,7 +19,7 @@ What "the same" may differ by is measured, not assumed:
   its gradient, so round-off in a near-zero gradient element grows quickly. The tolerance is
   `EXACT_FACTOR` times that reference at every step, never below `EXACT_FLOOR`.
 - `approximate` knobs (bf16, fp16, TF32) are held to a band measured from A's fp32 trajectory against
-  the reduced-precision one at `seeds` other seeds, times `BAND_MARGIN`.
+  the reduced-precision one at `seeds` other seeds (the worst of every step and seed), times `BAND_MARGIN`.
 - `method` knobs are refused: they change what is learned, so parity cannot judge them.
 
 Data order and augmentation are already functions of (seed, epoch, step) in the trainer, whatever the
@@ -49,7 +49,7 @@ DEFAULT_STEPS = 4
 EXACT_FACTOR = 100.0
 #: ...and never needs to be closer than this (relative).
 EXACT_FLOOR = 1e-5
-#: An approximate knob's band is the worst of its seeds (per step) times this.
+#: An approximate knob's band is the worst of its seeds and steps times this.
 BAND_MARGIN = 2.0
 #: Differences in these fields do not touch the N steps' math (they say how a run is measured or evaluated).
 IGNORED_PREFIXES = ("measure.", "eval.", "checkpoint_every_steps", "budget.time_limit_s")
@@ -383,7 +383,9 @@ def check(a: TrainConfig, b: TrainConfig, steps: int = DEFAULT_STEPS, seeds: int
         if label not in bands:
             say(f"measuring the band of {label} at {seeds} seed(s)")
             bands[label] = approximate_band(a, approx, steps, [a.system.seed + 1 + i for i in range(seeds)], say)
-        tolerance = {q: [max(t, BAND_MARGIN * w) for t, w in zip(tolerance[q], bands[label][q])] for q in QUANTITIES}
+        # One band per quantity, the worst of every step and seed: a few seeds are too few samples to give each
+        # step its own (bf16's step-0 loss difference at a fourth seed was 2.1x the worst of three).
+        tolerance = {q: [max(t, BAND_MARGIN * max(bands[label][q])) for t in tolerance[q]] for q in QUANTITIES}
         source_text += f"; {label}: {BAND_MARGIN:g} x its band over {seeds} seed(s)"
     worst: dict[str, dict[str, Any]] = {}
     for q in QUANTITIES:

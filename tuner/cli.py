@@ -19,6 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, help="wall-clock limit of this run in seconds")
     r.add_argument("--address", help="run trials on an existing Ray cluster (e.g. auto, ray://host:10001)")
     r.add_argument("--storage", help="study database URL (default: the space's storage, sqlite:///studies/<name>.db)")
+    r.add_argument("--confirm-rounds", type=int, default=3,
+                   help="at the end, measure the winner against the baseline in this many interleaved rounds (0: skip)")
     for name, text in (("status", "trials by state, baseline, best feasible, Pareto set"),
                        ("export", "write a trial's complete TrainConfig YAML"),
                        ("confirm", "measure the picked trial and the baseline again, interleaved")):
@@ -72,8 +74,10 @@ def _run(args) -> int:
     from tuner.summary import format_status
 
     space = SearchSpace.load(args.space)  # fully validated before any database or Ray work
+    if args.confirm_rounds < 0:
+        raise ConfigError(f"--confirm-rounds {args.confirm_rounds}: must be 0 (skip) or more")
     summary = run(space, n_trials=args.n_trials, timeout_s=args.timeout, address=args.address, storage=args.storage,
-                  progress=lambda line: print(line, flush=True))
+                  progress=lambda line: print(line, flush=True), confirm_rounds=args.confirm_rounds)
     print()
     print(format_status(summary))
     return 0

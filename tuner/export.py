@@ -29,7 +29,7 @@ def export_header(study: optuna.Study, trial: optuna.trial.FrozenTrial, policy: 
     lines = [f"Exported by `tuner export --pick {policy}` from study {study.study_name!r}, trial {trial.number} "
              f"({u.get('role', 'search')}).",
              f"Measured throughput: {u.get('throughput_img_s', 0):.1f} img/s (window spread {100 * (u.get('throughput_spread') or 0):.0f}%)"
-             + (f", speedup x{u['speedup']:.2f} over the baseline (trial {base.number}, {base.values[0]:.1f} img/s)."
+             + (f", study speedup x{u['speedup']:.2f} over the baseline (trial {base.number}, {base.values[0]:.1f} img/s)."
                 if u.get("speedup") is not None and base is not None else ".")]
     if u.get("knn_top1") is not None:
         knn = f"kNN top-1: {u['knn_top1']:.2f}% (before training {u.get('knn_top1_initial') or 0:.2f}%)"
@@ -51,6 +51,9 @@ def export_header(study: optuna.Study, trial: optuna.trial.FrozenTrial, policy: 
     if confirm and confirm.get("trial") == trial.number:
         lines.append(f"Confirmed speedup (interleaved A/B, {confirm['rounds']} rounds): x{confirm['speedup_median']:.2f} "
                      f"(range {confirm['speedup_min']:.2f}-{confirm['speedup_max']:.2f}).")
+    elif trial.user_attrs.get("role") == "search":
+        lines.append("Speedup unconfirmed: the study's short windows are not a claim; run `tuner confirm` "
+                     "to measure it against the baseline, interleaved.")
     if s.get("quality_warning"):
         lines.append(f"WARNING: {s['quality_warning']}.")
     lines.append(f"Hardware: {hw.get('device', '?')}, {hw.get('cpu_model', '?')} x{hw.get('cpu_cores', '?')} cores, "

@@ -21,12 +21,15 @@ from tuner.trial import run_trial
 
 def run(space: SearchSpace | str | Path, n_trials: int | None = None, timeout_s: float | None = None,
         address: str | None = None, storage: str | None = None,
-        progress: Callable[[str], None] | None = print) -> StudySummary:
+        progress: Callable[[str], None] | None = print, confirm_rounds: int = 3) -> StudySummary:
     """Run (or continue) the study `space` describes and return its summary.
 
     `n_trials` is the study's total, baseline trials included (a finished study is continued by raising
     it); `timeout_s` limits this call's wall clock; `address` names an existing Ray cluster; `storage`
     replaces the space's database URL. The space is validated completely before the database is opened.
+    At the end, the best feasible trial is measured again against the baseline in `confirm_rounds`
+    interleaved rounds (as `tuner confirm`; 0 skips it), so the speedup the study states is one that
+    reproduces, and the winner's system knobs get their parity check.
     """
     if not isinstance(space, SearchSpace):
         space = SearchSpace.load(space)
@@ -69,7 +72,27 @@ def run(space: SearchSpace | str | Path, n_trials: int | None = None, timeout_s:
             say(f"trials {left} did not finish: queued to run again next time")
         if started_ray:
             ray.shutdown()
+    if confirm_rounds > 0:
+        confirm_winner(study, confirm_rounds, say)
     return summarize(study, url)
+
+
+def confirm_winner(study, rounds: int, say: Callable[[str], None]) -> None:
+    """`tuner confirm` of the best feasible trial, unless it is the baseline or is confirmed already."""
+    from trainer.config import ConfigError
+    from tuner.confirm import confirm
+    from tuner.select import baseline_trial, best_feasible
+
+    best, base = best_feasible(study), baseline_trial(study)
+    if best is None or base is None or best.number == base.number:
+        return
+    if (study.user_attrs.get("confirm") or {}).get("trial") == best.number:
+        return
+    say(f"confirming trial {best.number} against the baseline: {rounds} interleaved rounds (skip with --confirm-rounds 0)")
+    try:
+        confirm(study, "fastest", rounds, progress=say)
+    except ConfigError as exc:  # a measurement failed: the speedup stays unconfirmed, the study is intact
+        say(f"confirm did not finish: {exc}; the speedup stays unconfirmed")
 
 
 def _bridge_with_history(space: SearchSpace, study) -> PruningBridge:

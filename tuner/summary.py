@@ -112,7 +112,7 @@ def format_status(s: StudySummary) -> str:
     if s.best_feasible:
         b = s.best_feasible
         note = knn_note(b, s)
-        out.append(f"best feasible: trial {b.number}, {b.throughput_img_s:.1f} img/s, x{(b.speedup or float('nan')):.2f}, "
+        out.append(f"best feasible: trial {b.number}, {b.throughput_img_s:.1f} img/s, {speedup_text(s, b)}, "
                    f"kNN {b.knn_top1:.1f}{' (' + note + ')' if note else ''}")
         if s.quality:
             out.append(f"  {s.quality}")
@@ -131,9 +131,19 @@ def format_status(s: StudySummary) -> str:
     return "\n".join(out)
 
 
+def speedup_text(s: StudySummary, row: TrialRow) -> str:
+    """The confirmed speedup with its range where `tuner confirm` (or the end of `tuner run`) measured this
+    trial, else the study's own figure marked `unconfirmed`: a trial's short windows are not a claim."""
+    c = s.confirm or {}
+    if c.get("trial") == row.number and c.get("speedup_median") is not None:
+        return (f"x{c['speedup_median']:.2f} confirmed (range {c['speedup_min']:.2f}-{c['speedup_max']:.2f} over "
+                f"{c['rounds']} interleaved rounds; the study's windows said x{(row.speedup or float('nan')):.2f})")
+    return f"x{(row.speedup or float('nan')):.2f} unconfirmed"
+
+
 def _trial_table(rows: list[TrialRow], s: StudySummary) -> str:
     return format_table(
-        ["#", "state", "role", "img/s", "kNN", "speedup", "feasible", "note"],
+        ["#", "state", "role", "img/s", "kNN", "speedup (study)", "feasible", "note"],
         [(r.number, r.state, r.role, r.throughput_img_s, r.knn_top1, f"{r.speedup:.2f}x" if r.speedup else None,
           "yes" if r.feasible else "no", r.fail_reason or (f"pruned: {r.pruned_phase}" if r.pruned_phase else knn_note(r, s)))
          for r in rows])
