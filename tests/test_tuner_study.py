@@ -203,3 +203,36 @@ def test_trials_past_their_timeout_are_failed_with_reason_timeout(ray_session, t
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
     assert [t.user_attrs["fail_reason"] for t in study.trials] == ["timeout", "timeout"]
     assert summary.fail_reasons == {"timeout": 2}
+
+
+def test_run_ends_by_confirming_its_winner_and_states_the_confirmed_speedup(ray_session, tiny_space, tmp_path, monkeypatch):
+    from tuner import run
+    from tuner.summary import format_status
+
+    monkeypatch.chdir(tmp_path)
+    path = tiny_space(tmp_path, "confirmed", params={"crops.local_crops": {"choices": [0]}},
+                      constraints={"knn_noise_seeds": 1, "knn_tolerance_points": 100.0}, budget={"n_trials": 2})
+    lines: list[str] = []
+    summary = run(path, progress=lines.append, confirm_rounds=2)
+    assert summary.best_feasible.number == 1 and summary.confirm["trial"] == 1 and summary.confirm["rounds"] == 2
+    assert len(summary.confirm["speedups"]) == 2 and summary.confirm["speedup_median"] > 0
+    assert any(line.startswith("confirming trial 1 against the baseline: 2 interleaved rounds") for line in lines)
+    status = format_status(summary)
+    assert f"x{summary.confirm['speedup_median']:.2f} confirmed (range" in status
+    assert "quality: unmeasured (method changes: crops.local_crops)" in status
+    # continued later, a winner already confirmed is not measured again
+    lines.clear()
+    run(path, n_trials=2, progress=lines.append, confirm_rounds=2)
+    assert not any(line.startswith("confirming") for line in lines)
+
+
+def test_a_study_without_confirmation_says_unconfirmed(stored_study):
+    from tuner.export import export_header
+    from tuner.summary import format_status, summarize
+
+    s = stored_study("plain")
+    s.add("baseline", TrainConfig().to_dict(), throughput=10.0, knn=20.0)
+    s.add("search", TrainConfig().with_overrides({"crops.local_crops": 0}).to_dict(), throughput=30.0, knn=20.0)
+    study = optuna.load_study(study_name="plain", storage=s.url)
+    assert "best feasible: trial 1, 30.0 img/s, x3.00 unconfirmed" in format_status(summarize(study))
+    assert "Speedup unconfirmed" in export_header(study, study.trials[1], "fastest")

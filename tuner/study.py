@@ -77,8 +77,9 @@ def baseline_params(space: SearchSpace) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for name, param in space.params.items():
         if name in space.baseline:
-            value = space.baseline[name]
-            if param.distribution()._contains(_internal(param.distribution(), value)):
+            value, dist = space.baseline[name], param.distribution()
+            internal = _internal(dist, value)  # NaN: not one of a categorical knob's choices
+            if internal == internal and dist._contains(internal):
                 params[name] = value
     return params
 
