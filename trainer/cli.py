@@ -86,6 +86,7 @@ def _train(cfg: TrainConfig, args) -> int:
     rows = [
         ("kNN top-1 (%)", s["knn_top1_initial"], s["knn_top1"]),
         ("kNN top-5 (%)", s["knn_top5_initial"], s["knn_top5"]),
+        ("student kNN top-1 (%)", s["student_knn_top1_initial"], s["student_knn_top1"]),
         ("view agreement (teacher, 2 global views)", s["view_agreement_initial"], s["view_agreement"]),
     ]
     print(format_table(["metric", "before", "after"], rows))
@@ -150,7 +151,8 @@ class _Progress:
             self.bar.set_postfix(loss=f"{payload['loss']:.3f}", img_s=f"{payload['throughput_img_s']:.0f}",
                                  H=f"{payload['teacher_entropy'] / payload['max_entropy']:.2f}lnK")
         elif event == "eval":
-            msg = f"kNN at step {payload['step']}: top-1 {payload['knn_top1']:.1f}%, top-5 {payload['knn_top5']:.1f}%"
+            msg = (f"kNN at step {payload['step']}: top-1 {payload['knn_top1']:.1f}%, top-5 {payload['knn_top5']:.1f}% "
+                   f"(student top-1 {payload['student_knn_top1']:.1f}%)")
             (self.bar.write if self.bar else print)(msg, file=sys.stderr)
         elif event == "speed":
             msg = f"speed phase: {payload['throughput_img_s']:.1f} img/s (spread {100 * payload['throughput_spread']:.0f}%), data wait {100 * payload['data_wait_fraction']:.0f}%"

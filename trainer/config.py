@@ -183,7 +183,11 @@ class BudgetConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    """Weighted kNN on the teacher backbone's features, as DINO's own evaluation."""
+    """Weighted kNN on the teacher's and the student's backbone features, as DINO's own evaluation.
+
+    The teacher is an EMA that moves a few percent in a short trial; the student's kNN is reported
+    beside it because it is the one that sees what a short trial did to the weights.
+    """
 
     knn_k: int = Field(20, ge=1, le=1000)
     knn_temperature: float = Field(0.07, gt=0.0, le=10.0)
@@ -191,6 +195,15 @@ class EvalConfig(_Strict):
     every_steps: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: off); for short trials.")
     at_start: bool = Field(True, description="Evaluate before training (knn_top1_initial).")
     batch_size: int = Field(256, ge=1, description="Feature-extraction batch size.")
+    bn_stats: Literal["running", "precise"] = Field(
+        "running",
+        description="BatchNorm statistics the kNN features use. running: the running statistics training "
+        "left (mean 0 / var 1 placeholders before training; afterwards an average over augmented, partly "
+        "local-crop batches). precise: recomputed before each kNN, on a copy of the backbone, from the "
+        "plain (eval-view) training images (`bn_images` of them), so the number reflects the weights, not "
+        "the statistics; training is unaffected. Cost measured: see PRECISE_BN_COST in trainer/engine.py.",
+    )
+    bn_images: int = Field(1024, ge=16, description="precise bn_stats: training images the statistics are averaged over.")
 
 
 class MeasureConfig(_Strict):

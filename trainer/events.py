@@ -9,9 +9,12 @@ the tuner can store them and the CLI can print them). The events, in order:
 - ``"speed"``: the speed phase's measurement (see `SpeedReport`), after its last window.
 - ``"log"``: ``{"step", "epoch", "loss", "lr", "throughput_img_s", "teacher_entropy", "batch_entropy",
   "max_entropy"}`` every few steps; the entropies (nats) are the collapse monitor of `trainer.loss`.
-- ``"eval"``: ``{"step", "epoch", "knn_top1", "knn_top5", "view_agreement"}`` at each kNN evaluation
-  (step 0 is the evaluation before training); `view_agreement` is how much of the teacher's output two
-  augmented views of one image share (`trainer.loss.view_agreement`).
+- ``"eval"``: ``{"step", "epoch", "knn_top1", "knn_top5", "student_knn_top1", "student_knn_top5",
+  "view_agreement", "bn_stats", "eval_s"}`` at each kNN evaluation (step 0 is the evaluation before
+  training); `knn_*` are the teacher's, `student_knn_*` the student's (an EMA teacher barely moves in a
+  short run; the student shows what the steps did); `bn_stats` is `eval.bn_stats`; `eval_s` the
+  evaluation's wall time; `view_agreement` is how much of the teacher's output two augmented views of
+  one image share (`trainer.loss.view_agreement`).
 - ``"failure"``: ``{"reason", "message", "step"}`` when the run fails (see `FAIL_REASONS`).
 - ``"done"``: the run's summary (the same dict as ``summary.json``).
 
