@@ -27,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("config", nargs="?", help="TrainConfig YAML (default: the embedded default)")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--json", action="store_true", help="print the measurement as JSON")
+    e = sub.add_parser("export-backbone", help="write a run's backbone with torchvision's key names (no fc)")
+    e.add_argument("source", help="a run folder (holding checkpoint.pt) or a checkpoint file")
+    e.add_argument("-o", "--output", type=Path, required=True, help="the state_dict file to write, e.g. backbone.pth")
+    e.add_argument("--which", choices=("teacher", "student"), default="teacher", help="which backbone (default: teacher)")
     return p
 
 
@@ -34,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; user mistakes print one line and return 2, failed runs return 1."""
     args = _parser().parse_args(argv)
     try:
+        if args.command == "export-backbone":
+            return _export_backbone(args)
         cfg = TrainConfig.load(args.config, args.overrides)
         if args.command == "bench":
             return _bench(cfg, args)
@@ -130,6 +136,21 @@ def _bench(cfg: TrainConfig, args) -> int:
     print(format_table(["phase", "ms/step", "share"], [
         (name, ms, f"{100 * ms / sp['step_ms']:.1f}%") for name, ms in sp["phases_ms"].items()
     ]))
+    return 0
+
+
+def _export_backbone(args) -> int:
+    from trainer.warmstart import export_backbone
+
+    info = export_backbone(args.source, args.output, args.which)
+    print(f"wrote {info['tensors']} tensors of the {info['which']} backbone ({info['model']}, step {info['step']}) "
+          f"with torchvision's key names -> {info['path']}")
+    if info["torchvision_compatible"]:
+        print("loads with strict=True into torchvision's model with fc = nn.Identity() (as DINO's evaluation sets it)")
+    else:
+        print(f"note: {info['model']} is not torchvision's shape (only resnet18/resnet50 at width 64 with the imagenet "
+              f"stem are): torchvision's own model cannot load it; model.init of a config with the same model section can",
+              file=sys.stderr)
     return 0
 
 

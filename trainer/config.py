@@ -117,6 +117,15 @@ class ModelConfig(_Strict):
     width: int = Field(64, ge=8, le=256, description="ResNet: channels of the first stage (64 is torchvision's).")
     patch_size: int = Field(16, ge=2, le=32, description="ViT patch size.")
     vit_depth: int | None = Field(None, ge=1, le=24, description="ViT: number of blocks (None: 12).")
+    init: str | None = Field(
+        None, min_length=1,
+        description="Warm start of the backbone (student and teacher alike; the head always starts fresh): a "
+        "state_dict file with torchvision's key names (fc.* ignored; DINO's module./backbone. prefixes "
+        "stripped), a trainer run folder or its checkpoint.pt (its teacher backbone), or a torchvision "
+        "weights name such as ResNet18_Weights.IMAGENET1K_V1 (from $TORCH_HOME/hub/checkpoints, downloaded "
+        "there where the machine can). torchvision's weights fit only resnet18/resnet50 at width 64 with the "
+        "imagenet stem. `trainer export-backbone` writes the other direction.",
+    )
     head: HeadConfig = Field(default_factory=HeadConfig)
 
 

@@ -33,8 +33,8 @@ from trainer.loss import DINOLoss, view_agreement
 from trainer.measure import PhaseTimer, peak_memory_mb, summarize_windows
 from trainer.model import DINOHead, MultiCropWrapper, build_backbone
 from trainer.schedules import cosine_schedule
+from trainer.warmstart import CHECKPOINT, load_init
 
-CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
 
 
@@ -137,6 +137,9 @@ class Run:
         self.splits = build_splits(cfg.data)
         self.multicrop = MultiCrop(cfg.crops, cfg.augment, self.device)
         backbone, dim = build_backbone(cfg.model, cfg.crops.global_size)
+        # A warm start replaces the random backbone before student and teacher are made from it; the RNG the
+        # head's initialization draws from is untouched, so the head starts as it would from random weights.
+        self.init_loaded = load_init(backbone, cfg.model) if cfg.model.init else None
         student = MultiCropWrapper(backbone, DINOHead(dim, cfg.model.head), concat=cfg.crops.concat_same_resolution)
         teacher = copy.deepcopy(student)
         for p in teacher.parameters():
@@ -199,7 +202,8 @@ class Run:
         self.build_s = time.perf_counter() - t0
         n_params = sum(p.numel() for p in self.student.parameters()) / 1e6
         self.emit("build", {"build_s": self.build_s, "device": str(self.device), "images_per_step": self.images_per_step,
-                            "params_m": round(n_params, 3), "steps_per_epoch": spe, "total_steps": total})
+                            "params_m": round(n_params, 3), "steps_per_epoch": spe, "total_steps": total,
+                            "init": self.init_loaded})
 
     # ---- one optimizer step -------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 `trainer.train(config, callback=...)` calls `callback(event, payload)` with plain dicts (JSON-able, so
 the tuner can store them and the CLI can print them). The events, in order:
 
-- ``"build"``: ``{"build_s", "device", "images_per_step", "params_m"}`` once the model and data exist.
+- ``"build"``: ``{"build_s", "device", "images_per_step", "params_m", "steps_per_epoch", "total_steps",
+  "init"}`` once the model and data exist (`init`: what `model.init` loaded, or None).
 - ``"window"``: one timed window of the speed phase: ``{"step", "window", "throughput_img_s",
   "data_wait_fraction"}``.
 - ``"speed"``: the speed phase's measurement (see `SpeedReport`), after its last window.
