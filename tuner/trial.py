@@ -1,11 +1,13 @@
 """The trial function Ray Tune runs: one `trainer.train` call, its events turned into phase reports.
 
 Reports, in order: one ``phase: "speed"`` result when the speed phase ends (throughput), one
-``phase: "quality"`` result per kNN evaluation after it (the evaluation before training becomes
-``knn_top1_initial``; evaluations that happen during the speed phase are held back until it ends, so
-a pruner always sees the phases in order), and a last result with ``phase: "done"`` (the run's
-summary) or ``phase: "failed"`` (``fail_reason``: oom, nan, dataloader, compile, timeout, error,
-invalid_config). The trainer's loop is not changed: a stop request is the callback returning True.
+``phase: "quality"`` result per kNN evaluation after it (the teacher's ``knn_top1`` and the student's
+``student_knn_top1``; the searcher and pruner read the one ``constraints.knn_backbone`` names; the
+evaluation before training becomes ``knn_top1_initial``; evaluations that happen during the speed phase
+are held back until it ends, so a pruner always sees the phases in order), and a last result with
+``phase: "done"`` (the run's summary) or ``phase: "failed"`` (``fail_reason``: oom, nan, dataloader,
+compile, timeout, error, invalid_config). The trainer's loop is not changed: a stop request is the
+callback returning True.
 """
 
 from __future__ import annotations
