@@ -6,6 +6,8 @@ precise` recomputes BatchNorm statistics on plain training images, on a copy, be
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -95,3 +97,17 @@ def test_precise_statistics_do_not_change_what_training_computes(tmp_path):
     assert a.losses == b.losses and a.summary["bn_stats"] == "running" and b.summary["bn_stats"] == "precise"
     for which in ("student", "teacher"):
         assert all(torch.equal(v, b.state[which][k]) for k, v in a.state[which].items()), which
+
+
+def test_precise_statistics_of_a_SyncBatchNorm_backbone_are_computed_on_a_plain_BatchNorm_copy():
+    # DDP on GPUs converts the student's BatchNorm to SyncBatchNorm; only rank 0 evaluates, so the copy must not sync.
+    run = _built()
+    plain = run.teacher.backbone
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    view = lambda batch: run.multicrop.plain(batch, run.cfg.crops.global_size)  # noqa: E731
+    a = precise_bn_copy(plain, run.splits.train, view, n_images=48, batch_size=16)
+    b = precise_bn_copy(synced, run.splits.train, view, n_images=48, batch_size=16)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in b.modules())
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())  # the original is left as it was
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, msg=name)
