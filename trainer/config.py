@@ -211,9 +211,10 @@ class EvalConfig(_Strict):
         "local-crop batches). precise: recomputed before each kNN, on a copy of the backbone, from the "
         "plain (eval-view) training images (`bn_images` of them), so the number reflects the weights, not "
         "the statistics; training is unaffected. Cost: one train-mode forward over `bn_images` images per "
-        "backbone; on the default config (ResNet-18, 1,024 of 1,438 canvases, one thread, 2-core AMD EPYC "
-        "shared with other jobs) 2.2-3.2 s per backbone against 4.1-10.7 s for one kNN, so an evaluation of "
-        "both backbones took 13.9-21.5 s instead of 8.6-14.1 s (5 interleaved repeats).",
+        "backbone; on the default config (ResNet-18, 1,024 of 1,438 canvases, one thread, 2-core AMD EPYC) "
+        "2.0-2.4 s per backbone on a quiet machine, so an evaluation of both backbones took 11.9-12.6 s "
+        "instead of 7.5-7.9 s (+58%); 2.2-3.2 s per backbone (evaluations 13.9-21.5 s instead of "
+        "8.6-14.1 s) while other jobs shared the CPU.",
     )
     bn_images: int = Field(1024, ge=16, description="precise bn_stats: training images the statistics are averaged over.")
 
