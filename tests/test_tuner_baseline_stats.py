@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from tuner.searcher import update_baseline_stats
 
-SPACE = SimpleNamespace(constraints=SimpleNamespace(knn_tolerance_points=1.0))
+SPACE = SimpleNamespace(constraints=SimpleNamespace(knn_tolerance_points=1.0, knn_metric="knn_top1"))
 
 
 def _study(knns, initial):

@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=int, default=None, help="optimizer steps of each run (default 4)")
     q.add_argument("--seeds", type=int, default=3, help="seeds for the band of approximate knobs (bf16, fp16, tf32)")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
+    e = sub.add_parser("export-backbone", help="write a run's backbone with torchvision's key names (no fc)")
+    e.add_argument("source", help="a run folder (holding checkpoint.pt) or a checkpoint file")
+    e.add_argument("-o", "--output", type=Path, required=True, help="the state_dict file to write, e.g. backbone.pth")
+    e.add_argument("--which", choices=("teacher", "student"), default="teacher", help="which backbone (default: teacher)")
     return p
 
 
@@ -45,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "parity":
             return _parity(args)
+        if args.command == "export-backbone":
+            return _export_backbone(args)
         cfg = TrainConfig.load(args.config, args.overrides)
         if args.command == "bench":
             return _bench(cfg, args)
@@ -97,6 +103,7 @@ def _train(cfg: TrainConfig, args) -> int:
     rows = [
         ("kNN top-1 (%)", s["knn_top1_initial"], s["knn_top1"]),
         ("kNN top-5 (%)", s["knn_top5_initial"], s["knn_top5"]),
+        ("student kNN top-1 (%)", s["student_knn_top1_initial"], s["student_knn_top1"]),
         ("view agreement (teacher, 2 global views)", s["view_agreement_initial"], s["view_agreement"]),
     ]
     print(format_table(["metric", "before", "after"], rows))
@@ -163,6 +170,19 @@ def _parity(args) -> int:
     print(f"tolerance: {result.tolerance_source}")
     print(f"{result.line()}  [{result.seconds:.1f} s on {result.device}]")
     return 0 if result.ok else 1
+def _export_backbone(args) -> int:
+    from trainer.warmstart import export_backbone
+
+    info = export_backbone(args.source, args.output, args.which)
+    print(f"wrote {info['tensors']} tensors of the {info['which']} backbone ({info['model']}, step {info['step']}) "
+          f"with torchvision's key names -> {info['path']}")
+    if info["torchvision_compatible"]:
+        print("loads with strict=True into torchvision's model with fc = nn.Identity() (as DINO's evaluation sets it)")
+    else:
+        print(f"note: {info['model']} is not torchvision's shape (only resnet18/resnet50 at width 64 with the imagenet "
+              f"stem are): torchvision's own model cannot load it; model.init of a config with the same model section can",
+              file=sys.stderr)
+    return 0
 
 
 class _Progress:
@@ -183,7 +203,8 @@ class _Progress:
             self.bar.set_postfix(loss=f"{payload['loss']:.3f}", img_s=f"{payload['throughput_img_s']:.0f}",
                                  H=f"{payload['teacher_entropy'] / payload['max_entropy']:.2f}lnK")
         elif event == "eval":
-            msg = f"kNN at step {payload['step']}: top-1 {payload['knn_top1']:.1f}%, top-5 {payload['knn_top5']:.1f}%"
+            msg = (f"kNN at step {payload['step']}: top-1 {payload['knn_top1']:.1f}%, top-5 {payload['knn_top5']:.1f}% "
+                   f"(student top-1 {payload['student_knn_top1']:.1f}%)")
             (self.bar.write if self.bar else print)(msg, file=sys.stderr)
         elif event == "speed":
             msg = f"speed phase: {payload['throughput_img_s']:.1f} img/s (spread {100 * payload['throughput_spread']:.0f}%), data wait {100 * payload['data_wait_fraction']:.0f}%"

@@ -33,8 +33,8 @@ from trainer.loss import DINOLoss, view_agreement
 from trainer.measure import PhaseTimer, SpeedClock, peak_memory_mb, summarize_windows
 from trainer.model import DINOHead, MultiCropWrapper, build_backbone
 from trainer.schedules import cosine_schedule
+from trainer.warmstart import CHECKPOINT, load_init
 
-CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
 
 
@@ -157,6 +157,9 @@ class Run:
         self.splits = build_splits(cfg.data)
         self.multicrop = MultiCrop(cfg.crops, cfg.augment, self.device)
         backbone, dim = build_backbone(cfg.model, cfg.crops.global_size)
+        # A warm start replaces the random backbone before student and teacher are made from it; the RNG the
+        # head's initialization draws from is untouched, so the head starts as it would from random weights.
+        self.init_loaded = load_init(backbone, cfg.model) if cfg.model.init else None
         student = MultiCropWrapper(backbone, DINOHead(dim, cfg.model.head), concat=cfg.crops.concat_same_resolution)
         teacher = copy.deepcopy(student)
         for p in teacher.parameters():
@@ -220,7 +223,8 @@ class Run:
         self.build_s = time.perf_counter() - t0
         n_params = sum(p.numel() for p in self.student.parameters()) / 1e6
         self.emit("build", {"build_s": self.build_s, "device": str(self.device), "images_per_step": self.images_per_step,
-                            "params_m": round(n_params, 3), "steps_per_epoch": spe, "total_steps": total})
+                            "params_m": round(n_params, 3), "steps_per_epoch": spe, "total_steps": total,
+                            "init": self.init_loaded})
 
     # ---- one optimizer step -------------------------------------------------------------------
 
@@ -327,22 +331,42 @@ class Run:
     # ---- evaluation ----------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, Any]:
-        """Weighted kNN of the teacher backbone (train split as bank, validation split as queries)."""
+        """Weighted kNN of the teacher's and the student's backbones (train split as bank, validation
+        split as queries), plus the teacher's view agreement and the evaluation's wall time.
+
+        Both backbones, because an EMA teacher barely moves in a short trial: the student's number is the
+        one that shows what the steps did. Before training the two are the same weights, so the teacher's
+        numbers are reported for both (identical by construction, and half the cost).
+        """
         result: dict[str, Any] = {"step": self.step, "epoch": self.step / self.steps_per_epoch}
         if self.dist.main:
-            e, size = self.cfg.eval, self.cfg.crops.global_size
-            view = lambda batch: self.multicrop.plain(batch, size)  # noqa: E731
-            with self.autocast():
-                bank = extract_features(self.teacher.backbone, self.splits.train, view, e.batch_size)
-                queries = extract_features(self.teacher.backbone, self.splits.val, view, e.batch_size)
-            top1, top5 = weighted_knn(bank, self.splits.train_labels, queries, self.splits.val_labels,
-                                      e.knn_k, e.knn_temperature, self.splits.num_classes)
-            result.update(knn_top1=top1, knn_top5=top5, view_agreement=self.view_agreement())
+            t0 = time.perf_counter()
+            top1, top5 = self.knn(self.teacher.backbone)
+            if self.step == 0:
+                s_top1, s_top5 = top1, top5
+            else:
+                s_top1, s_top5 = self.knn(self.student.backbone)
+            result.update(knn_top1=top1, knn_top5=top5, student_knn_top1=s_top1, student_knn_top5=s_top5,
+                          view_agreement=self.view_agreement(), bn_stats=self.cfg.eval.bn_stats,
+                          eval_s=time.perf_counter() - t0)
             self.evals.append(result)
             self.emit("eval", result)
         if self.dist.world > 1:
             dist.barrier()
         return result
+
+    @torch.no_grad()
+    def knn(self, backbone: torch.nn.Module) -> tuple[float, float]:
+        """Weighted kNN top-1/top-5 (percent) of `backbone`'s features, with the configured BatchNorm statistics."""
+        e, size = self.cfg.eval, self.cfg.crops.global_size
+        view = lambda batch: self.multicrop.plain(batch, size)  # noqa: E731
+        if e.bn_stats == "precise":
+            backbone = precise_bn_copy(backbone, self.splits.train, view, e.bn_images, e.batch_size)
+        with self.autocast():
+            bank = extract_features(backbone, self.splits.train, view, e.batch_size)
+            queries = extract_features(backbone, self.splits.val, view, e.batch_size)
+        return weighted_knn(bank, self.splits.train_labels, queries, self.splits.val_labels,
+                            e.knn_k, e.knn_temperature, self.splits.num_classes)
 
     @torch.no_grad()
     def view_agreement(self, n: int = 256) -> float:
@@ -395,6 +419,38 @@ class Run:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.losses, self.evals = state["step"], state["losses"], state["evals"]
         return state
+
+
+@torch.no_grad()
+def precise_bn_copy(backbone: torch.nn.Module, images, to_view, n_images: int, batch_size: int) -> torch.nn.Module:
+    """A copy of `backbone` whose BatchNorm statistics are the average over the first `n_images` of
+    `images` in their evaluation view (torch's `update_bn`: statistics reset, cumulative average).
+
+    Why: the running statistics a DINO run leaves are an exponential average over augmented, partly
+    local-crop batches (and mean 0 / var 1 placeholders before training), so a kNN through them measures
+    the statistics as much as the weights. A copy, so the training run never sees the recomputation.
+    SyncBatchNorm (DDP on GPUs) becomes plain BatchNorm in the copy: only rank 0 evaluates.
+    """
+    copy_ = _plain_batchnorm(copy.deepcopy(backbone))
+    copy_.grad_checkpointing = False  # no backward here; recomputation would only cost time
+    n = min(n_images, len(images))
+    batches = (to_view(images.__getitems__(list(range(start, min(n, start + batch_size)))))
+               for start in range(0, n, batch_size))
+    torch.optim.swa_utils.update_bn(batches, copy_)
+    return copy_.eval()
+
+
+def _plain_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` with every SyncBatchNorm replaced by an equivalent BatchNorm2d (same parameters and buffers)."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.SyncBatchNorm):
+            bn = torch.nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                      child.track_running_stats).to(child.weight.device)
+            bn.load_state_dict(child.state_dict())
+            setattr(module, name, bn)
+        else:
+            _plain_batchnorm(child)
+    return module
 
 
 def train(config: TrainConfig, callback: Callback | None = None, out_dir: str | Path | None = None,
@@ -539,6 +595,9 @@ def _summary(run: Run, speed: SpeedReport | None, initial, final, train_time: fl
         "status": "ok",
         "knn_top1": final.get("knn_top1"), "knn_top5": final.get("knn_top5"),
         "knn_top1_initial": initial.get("knn_top1"), "knn_top5_initial": initial.get("knn_top5"),
+        "student_knn_top1": final.get("student_knn_top1"), "student_knn_top5": final.get("student_knn_top5"),
+        "student_knn_top1_initial": initial.get("student_knn_top1"),
+        "student_knn_top5_initial": initial.get("student_knn_top5"), "bn_stats": run.cfg.eval.bn_stats,
         "view_agreement_initial": initial.get("view_agreement"), "view_agreement": final.get("view_agreement"),
         "throughput_img_s": s.get("throughput_img_s"), "throughput_spread": s.get("throughput_spread"),
         "data_wait_fraction": s.get("data_wait_fraction"), "phases_ms": s.get("phases_ms"),

@@ -3,14 +3,18 @@
 `trainer.train(config, callback=...)` calls `callback(event, payload)` with plain dicts (JSON-able, so
 the tuner can store them and the CLI can print them). The events, in order:
 
-- ``"build"``: ``{"build_s", "device", "images_per_step", "params_m"}`` once the model and data exist.
+- ``"build"``: ``{"build_s", "device", "images_per_step", "params_m", "steps_per_epoch", "total_steps",
+  "init"}`` once the model and data exist (`init`: what `model.init` loaded, or None).
 - ``"window"``: one timed window of the speed phase: ``{"step", "window", "throughput_img_s"}``.
 - ``"speed"``: the speed phase's measurement (see `SpeedReport`), after its last window.
 - ``"log"``: ``{"step", "epoch", "loss", "lr", "throughput_img_s", "teacher_entropy", "batch_entropy",
   "max_entropy"}`` every few steps; the entropies (nats) are the collapse monitor of `trainer.loss`.
-- ``"eval"``: ``{"step", "epoch", "knn_top1", "knn_top5", "view_agreement"}`` at each kNN evaluation
-  (step 0 is the evaluation before training); `view_agreement` is how much of the teacher's output two
-  augmented views of one image share (`trainer.loss.view_agreement`).
+- ``"eval"``: ``{"step", "epoch", "knn_top1", "knn_top5", "student_knn_top1", "student_knn_top5",
+  "view_agreement", "bn_stats", "eval_s"}`` at each kNN evaluation (step 0 is the evaluation before
+  training); `knn_*` are the teacher's, `student_knn_*` the student's (an EMA teacher barely moves in a
+  short run; the student shows what the steps did); `bn_stats` is `eval.bn_stats`; `eval_s` the
+  evaluation's wall time; `view_agreement` is how much of the teacher's output two augmented views of
+  one image share (`trainer.loss.view_agreement`).
 - ``"failure"``: ``{"reason", "message", "step"}`` when the run fails (see `FAIL_REASONS`).
 - ``"done"``: the run's summary (the same dict as ``summary.json``).
 

@@ -1,7 +1,7 @@
 """Weighted k-nearest-neighbour evaluation, as DINO's `eval_knn.py`.
 
-Features are the teacher backbone's outputs on un-augmented images, L2-normalized, so the dot product
-is the cosine similarity. Each query's k nearest training images vote for their class with weight
+Features are a backbone's (the teacher's or the student's) outputs on un-augmented images,
+L2-normalized, so the dot product is the cosine similarity. Each query's k nearest training images vote for their class with weight
 exp(similarity / T). Queries are processed in batches so memory stays bounded by batch x bank size.
 """
 

@@ -83,7 +83,9 @@ class PhaseJudge:
 class PruningBridge:
     """The judges of both phases and the ledger of decisions the searcher reads."""
 
-    def __init__(self, spec: PrunerPerPhase):
+    def __init__(self, spec: PrunerPerPhase, knn_metric: str = "knn_top1"):
+        # knn_metric: the teacher's (knn_top1) or the student's (student_knn_top1) kNN, as the space's constraint
+        self.metrics = {**PHASE_METRIC, "quality": knn_metric}
         self.judges = {phase: PhaseJudge(phase, s.build()) for phase, s in (("speed", spec.speed), ("quality", spec.quality))
                        if s is not None}
         self.decisions: dict[Any, PruneDecision] = {}
@@ -93,7 +95,7 @@ class PruningBridge:
         """Judge one result; a returned decision means: stop this trial."""
         phase = result.get("phase")
         judge = self.judges.get(phase)
-        metric = PHASE_METRIC.get(phase)
+        metric = self.metrics.get(phase)
         if judge is None or result.get(metric) is None:
             return None
         step = int(result.get("step", 0))

@@ -99,7 +99,7 @@ def _bridge_with_history(space: SearchSpace, study) -> PruningBridge:
     """A pruning bridge whose judges already know the stored trials' intermediate values."""
     from optuna.trial import TrialState
 
-    bridge = PruningBridge(space.pruner)
+    bridge = PruningBridge(space.pruner, knn_metric=space.constraints.knn_metric)
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         if t.user_attrs.get("fail_reason"):
             continue

@@ -139,8 +139,9 @@ class StudySearcher(Searcher):
         phase = result.get("phase")
         if live is None or phase not in ("speed", "quality"):
             return
-        metric = "throughput_img_s" if phase == "speed" else "knn_top1"
-        _store_intermediate(live, phase, int(result.get("step", 0)), float(result[metric]))
+        metric = "throughput_img_s" if phase == "speed" else self.space.constraints.knn_metric
+        if result.get(metric) is not None:
+            _store_intermediate(live, phase, int(result.get("step", 0)), float(result[metric]))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         """Tell Optuna how the trial ended (COMPLETE, PRUNED or FAIL) with all its attributes."""
@@ -188,15 +189,18 @@ class StudySearcher(Searcher):
     # ---- telling ------------------------------------------------------------------------------------
 
     def _tell_complete(self, trial: optuna.trial.Trial, role: str, result: dict) -> None:
-        throughput, knn = result.get("throughput_img_s"), result.get("knn_top1")
+        """COMPLETE with (throughput, kNN of the space's `constraints.knn_backbone`); both backbones' kNN stored."""
+        student = self.space.constraints.knn_backbone == "student"
+        throughput, knn = result.get("throughput_img_s"), result.get(self.space.constraints.knn_metric)
         if throughput is None or knn is None:
             self._tell_fail(trial, "error", "the run ended without a throughput or kNN measurement")
             return
         for key in SUMMARY_FIELDS:
             if result.get(key) is not None:
                 trial.set_user_attr(key, result[key])
+        trial.set_user_attr("knn_backbone", self.space.constraints.knn_backbone)
         intermediate = dict(trial.user_attrs.get("intermediate_values", {"speed": {}, "quality": {}}))
-        evals = {int(k): float(v) for k, v in (result.get("evals") or {}).items()}
+        evals = {int(k): float(v) for k, v in (result.get("student_evals" if student else "evals") or {}).items()}
         intermediate["quality"] = {**intermediate.get("quality", {}), **evals}
         for step, value in evals.items():
             trial.storage.set_trial_intermediate_value(trial._trial_id, step, value)
@@ -280,7 +284,11 @@ def _store_intermediate(live: Live, phase: str, step: int, value: float) -> None
 
 
 def update_baseline_stats(study: optuna.Study, space: SearchSpace) -> None:
-    """Baseline throughput and kNN (mean over seeds), the kNN noise, the effective tolerance, warnings."""
+    """Baseline throughput and kNN (mean over seeds), the kNN noise, the effective tolerance, warnings.
+
+    The kNN is the study's objective value, i.e. the backbone `constraints.knn_backbone` names; the
+    warning compares it with that backbone's kNN before training.
+    """
     trials = baseline_trials(study)
     if not trials:
         return
@@ -295,10 +303,12 @@ def update_baseline_stats(study: optuna.Study, space: SearchSpace) -> None:
     study.set_user_attr("knn_noise_points", noise)
     tolerance = max(space.constraints.knn_tolerance_points, noise or 0.0)
     study.set_user_attr("knn_tolerance_effective", tolerance)
-    initial = first.user_attrs.get("knn_top1_initial")
+    metric = space.constraints.knn_metric
+    initial = first.user_attrs.get(f"{metric}_initial")
     if initial is not None and max(knns) <= initial:
         best = f"best of its {len(knns)} seeds: {max(knns):.1f}" if len(knns) > 1 else f"{knns[0]:.1f}"
-        study.set_user_attr("quality_warning", f"the baseline's kNN ({best}) did not rise above its initial "
+        whose = "student " if metric.startswith("student") else ""
+        study.set_user_attr("quality_warning", f"the baseline's {whose}kNN ({best}) did not rise above its initial "
                             f"value ({initial:.1f}): this quality phase measures nothing; raise trial.steps")
     else:
         study.set_user_attr("quality_warning", None)

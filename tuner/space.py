@@ -156,6 +156,17 @@ class Constraints(_Strict):
         1.0, ge=0.0, description="A trial is feasible when its kNN >= baseline kNN - tolerance (never below the measured noise).")
     knn_noise_seeds: int = Field(2, ge=1, le=10, description="Seeds at which the baseline's quality phase is run to measure kNN noise.")
     peak_memory_mb: float | None = Field(None, gt=0, description="Optional limit on peak memory (device memory on a GPU, RSS on a CPU).")
+    knn_backbone: Literal["teacher", "student"] = Field(
+        "teacher",
+        description="Whose kNN top-1 is the study's kNN objective, the constraint's and the quality pruner's "
+        "value: teacher (DINO's own evaluation; an EMA with momentum 0.996 moves about 2% in 40 steps, so "
+        "in a short trial it barely sees what the steps did) or student (moves within a short trial). "
+        "Both are stored on every trial either way.")
+
+    @property
+    def knn_metric(self) -> str:
+        """The trial result key the kNN objective, constraint and quality pruner read."""
+        return "knn_top1" if self.knn_backbone == "teacher" else "student_knn_top1"
 
 
 class TrialBudget(_Strict):
@@ -396,6 +407,7 @@ class SearchSpace(_Strict):
             "base": self.base_config().to_dict(),
             "baseline": self.baseline,
             "trial": self.trial.model_dump(),
+            "knn_backbone": self.constraints.knn_backbone,  # what the stored kNN objective values mean
         }, sort_keys=True, default=str))
 
     def fingerprint(self) -> dict[str, str]:

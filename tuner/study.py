@@ -61,12 +61,13 @@ def open_study(space: SearchSpace, url: str) -> optuna.Study:
                                 directions=["maximize", "maximize"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(list(OBJECTIVES))
+        study.set_metric_names([OBJECTIVES[0], space.constraints.knn_metric])
     study.set_user_attr("space_fingerprint", space.fingerprint())
     study.set_user_attr("space_sections", space.sections())
     study.set_user_attr("space_source", space.source)
     study.set_user_attr("hardware", hardware_fingerprint())
     study.set_user_attr("knn_tolerance_points", space.constraints.knn_tolerance_points)
+    study.set_user_attr("knn_backbone", space.constraints.knn_backbone)
     study.set_user_attr("trial_overrides", space.trial.overrides())
     enqueue_baseline(study, space)
     return study

@@ -1,11 +1,13 @@
 """The trial function Ray Tune runs: one `trainer.train` call, its events turned into phase reports.
 
 Reports, in order: one ``phase: "speed"`` result when the speed phase ends (throughput), one
-``phase: "quality"`` result per kNN evaluation after it (the evaluation before training becomes
-``knn_top1_initial``; evaluations that happen during the speed phase are held back until it ends, so
-a pruner always sees the phases in order), and a last result with ``phase: "done"`` (the run's
-summary) or ``phase: "failed"`` (``fail_reason``: oom, nan, dataloader, compile, timeout, error,
-invalid_config). The trainer's loop is not changed: a stop request is the callback returning True.
+``phase: "quality"`` result per kNN evaluation after it (the teacher's ``knn_top1`` and the student's
+``student_knn_top1``; the searcher and pruner read the one ``constraints.knn_backbone`` names; the
+evaluation before training becomes ``knn_top1_initial``; evaluations that happen during the speed phase
+are held back until it ends, so a pruner always sees the phases in order), and a last result with
+``phase: "done"`` (the run's summary) or ``phase: "failed"`` (``fail_reason``: oom, nan, dataloader,
+compile, timeout, error, invalid_config). The trainer's loop is not changed: a stop request is the
+callback returning True.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 #: Summary fields a finished trial reports (and the searcher stores).
 SUMMARY_FIELDS = ("throughput_img_s", "throughput_spread", "knn_top1", "knn_top5", "knn_top1_initial",
+                  "student_knn_top1", "student_knn_top5", "student_knn_top1_initial", "bn_stats",
                   "view_agreement_initial", "view_agreement", "teacher_entropy", "max_entropy",
                   "data_wait_fraction", "phases_ms", "peak_memory_mb", "memory_kind", "steps", "wall_s",
                   "build_s", "compile_s", "train_s", "stopped_early")
@@ -56,11 +59,13 @@ def run_trial(spec: dict[str, Any]) -> None:
         failure = result.failure or {}
         tune.report({"phase": "failed", "fail_reason": failure.get("reason", "error"), "hardware": hardware,
                      "fail_message": failure.get("message", ""), "fail_step": failure.get("step"),
-                     "throughput_img_s": reporter.throughput, "knn_top1_initial": reporter.knn_initial})
+                     "throughput_img_s": reporter.throughput, "knn_top1_initial": reporter.knn_initial,
+                     "student_knn_top1_initial": reporter.knn_initial})  # equal before training
     else:
         summary = {k: result.summary.get(k) for k in SUMMARY_FIELDS}
-        evals = {int(e["step"]): float(e["knn_top1"]) for e in result.summary.get("evals", []) if e.get("knn_top1") is not None}
-        tune.report({"phase": "done", **summary, "evals": evals, "hardware": hardware})
+        evals, student_evals = ({int(e["step"]): float(e[key]) for e in result.summary.get("evals", []) if e.get(key) is not None}
+                                for key in ("knn_top1", "student_knn_top1"))
+        tune.report({"phase": "done", **summary, "evals": evals, "student_evals": student_evals, "hardware": hardware})
 
 
 class _PhaseReporter:
@@ -98,4 +103,5 @@ class _PhaseReporter:
         return False
 
     def _quality(self, payload: dict[str, Any]) -> None:
-        self.report({"phase": "quality", "step": int(payload["step"]), "knn_top1": payload["knn_top1"]})
+        self.report({"phase": "quality", "step": int(payload["step"]), "knn_top1": payload["knn_top1"],
+                     "student_knn_top1": payload.get("student_knn_top1")})
