@@ -117,3 +117,15 @@ def test_conditional_knob_is_sampled_only_when_its_condition_holds(tmp_path, tin
         trial_config(space, params, "search", None)  # every sampled combination is a valid TrainConfig
         seen.add(params["system.num_workers"])
     assert seen == {0, 1}
+
+
+def test_relative_paths_in_base_overrides_become_absolute_so_trials_find_them(tmp_path, tiny_space):
+    weights = tmp_path / "warm" / "backbone.pth"
+    weights.parent.mkdir()
+    weights.write_bytes(b"")
+    (tmp_path / "data").mkdir()
+    path = tiny_space(tmp_path, "paths", base={"overrides": {"model.init": "warm/backbone.pth", "data.root": "data",
+                                                           "model.width": 8}})
+    space = SearchSpace.load(path)
+    assert space.base["overrides"]["model.init"] == str(weights.resolve())
+    assert space.base["overrides"]["data.root"] == str((tmp_path / "data").resolve())

@@ -32,6 +32,9 @@ from trainer.knobs import knob_class
 #: (e.g. ``env.TRAINER_INJECT_FAULT`` for fault-injection tests, or allocator settings).
 ENV_PREFIX = "env."
 
+#: TrainConfig fields holding a file or folder; relative values are made absolute when the space is loaded.
+PATH_FIELDS = ("model.init", "data.root")
+
 #: The configuration most DINO users run today (the official recipe's multi-crop and head settings).
 CLASSIC_BASELINE: dict[str, Any] = {
     "crops.global_crops": 2,
@@ -324,6 +327,14 @@ class SearchSpace(_Strict):
         config = space.base.get("config")
         if config is not None and root is not None and not Path(config).is_absolute() and not Path(config).exists():
             space.base["config"] = str((root / config).resolve())
+        overrides = space.base.get("overrides") or {}
+        for key in PATH_FIELDS:  # trials run in Ray's own folders: a relative path must not depend on it
+            value = overrides.get(key)
+            if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+                here = Path(value)
+                near_space = (root / value) if root is not None else here
+                if here.exists() or near_space.exists():
+                    overrides[key] = str((here if here.exists() else near_space).resolve())
         space.check()
         return space
 
