@@ -8,6 +8,7 @@ import optuna
 
 from trainer.config import TrainConfig
 from tuner.select import baseline_trial, is_feasible, pick
+from tuner.summary import knn_key
 from tuner.verdicts import verdict
 
 
@@ -31,8 +32,10 @@ def export_header(study: optuna.Study, trial: optuna.trial.FrozenTrial, policy: 
              f"Measured throughput: {u.get('throughput_img_s', 0):.1f} img/s (window spread {100 * (u.get('throughput_spread') or 0):.0f}%)"
              + (f", study speedup x{u['speedup']:.2f} over the baseline (trial {base.number}, {base.values[0]:.1f} img/s)."
                 if u.get("speedup") is not None and base is not None else ".")]
-    if u.get("knn_top1") is not None:
-        knn = f"kNN top-1: {u['knn_top1']:.2f}% (before training {u.get('knn_top1_initial') or 0:.2f}%)"
+    key = knn_key(trial)
+    if u.get(key) is not None:
+        who = "student" if key.startswith("student") else "teacher"
+        knn = f"kNN top-1 ({who}): {u[key]:.2f}% (before training {u.get(key + '_initial') or 0:.2f}%)"
         if s.get("baseline_knn_top1") is not None:
             noise = s.get("knn_noise_points")
             knn += f"; baseline {s['baseline_knn_top1']:.2f}%"

@@ -28,7 +28,7 @@ from plotly.subplots import make_subplots
 from trainer.events import PHASES
 from tuner.select import baseline_trial, best_feasible, is_feasible, pareto_set
 from tuner.explain import quality_cell
-from tuner.summary import StudySummary, summarize
+from tuner.summary import StudySummary, knn_key, summarize
 from tuner.verdicts import verdict
 
 STATE_STYLE = {  # marker per trial kind on the Pareto plot
@@ -146,7 +146,7 @@ def headline(study: optuna.Study, s: StudySummary) -> str:
         cards.append(f'<div class="card">{html.escape(label)}<b>{value}</b><span class="note">{html.escape(note)}</span></div>')
 
     tp = lambda t: t.user_attrs.get("throughput_img_s") if t else None  # noqa: E731
-    knn = lambda t: t.user_attrs.get("knn_top1") if t else None  # noqa: E731
+    knn = lambda t: t.user_attrs.get(knn_key(t)) if t else None  # noqa: E731
     card("baseline throughput", _num(tp(base), " img/s"), f"trial {base.number}" if base else "no baseline yet")
     card("winner throughput", _num(tp(win), " img/s"), f"trial {win.number}" if win else "no feasible trial yet")
     if confirm.get("speedup_median") is not None and win is not None and confirm.get("trial") == win.number:
@@ -420,7 +420,7 @@ def trials_table(study: optuna.Study) -> str:
         if u.get("fail_step") is not None:
             reason += f" (step {u['fail_step']})"
         cells = [t.number, t.state.name.lower(), u.get("role", "search")] + [t.params.get(k, "") for k in keys] + [
-            _r(u.get("throughput_img_s")), _r(u.get("speedup"), 2), _r(u.get("knn_top1")), _r(u.get("peak_memory_mb"), 0), reason]
+            _r(u.get("throughput_img_s")), _r(u.get("speedup"), 2), _r(u.get(knn_key(t))), _r(u.get("peak_memory_mb"), 0), reason]
         rows.append("<tr>" + "".join(f'<td data-v="{html.escape(str(c))}">{html.escape(str(c))}</td>' for c in cells) + "</tr>")
     header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     return (f'<p class="note">Click a column to sort.</p><table class="trials"><thead><tr>{header}</tr></thead>'

@@ -33,9 +33,15 @@ class TrialRow:
     @classmethod
     def of(cls, t: FrozenTrial) -> "TrialRow":
         u = t.user_attrs
-        return cls(t.number, t.state.name, u.get("role", "search"), u.get("throughput_img_s"), u.get("knn_top1"),
+        return cls(t.number, t.state.name, u.get("role", "search"), u.get("throughput_img_s"), u.get(knn_key(t)),
                    u.get("speedup"), is_feasible(t), u.get("knn_within_noise"), u.get("fail_reason"),
                    u.get("pruned_phase"), dict(t.params))
+
+
+def knn_key(t: FrozenTrial) -> str:
+    """The attribute holding the kNN this trial was judged on: the teacher's, or the student's where the
+    space's `constraints.knn_backbone` said so."""
+    return "student_knn_top1" if t.user_attrs.get("knn_backbone") == "student" else "knn_top1"
 
 
 @dataclass
