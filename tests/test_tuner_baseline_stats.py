@@ -39,3 +39,24 @@ def test_the_warning_says_which_kNN_it_compares_when_there_are_seeds():
     single = _study([12.0], initial=12.5)
     assert single["quality_warning"].startswith("the baseline's kNN (12.0) did not rise above its initial value (12.5)")
     assert single["knn_noise_points"] is None and single["knn_tolerance_effective"] == 1.0
+
+
+def test_trial_time_limits_scale_with_the_baselines_trial_time():
+    from tuner.searcher import trial_timeout_s
+
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    trial = study.ask()
+    trial.set_user_attr("role", "baseline")
+    trial.set_user_attr("time_s", 50.0)
+    study.tell(trial, [10.0, 20.0])
+    space = SimpleNamespace(constraints=SPACE.constraints, trial=SimpleNamespace(timeout_s=60.0, timeout_factor=3.0))
+    fresh = optuna.create_study(directions=["maximize", "maximize"])
+    assert trial_timeout_s(fresh, space) == 60.0  # no baseline yet: the space's own limit
+    update_baseline_stats(study, space)
+    assert study.user_attrs["baseline_time_s"] == 50.0
+    assert trial_timeout_s(study, space) == 150.0  # 3 x 50 s on this (slow) machine
+    study.set_user_attr("baseline_time_s", 10.0)
+    assert trial_timeout_s(study, space) == 60.0  # never below timeout_s
+    space.trial.timeout_factor = None
+    study.set_user_attr("baseline_time_s", 50.0)
+    assert trial_timeout_s(study, space) == 60.0

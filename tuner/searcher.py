@@ -127,7 +127,7 @@ class StudySearcher(Searcher):
             return {"number": trial.number, "role": role, "config": config.to_dict(), "env": env,
                     "trial_overrides": self.space.trial.overrides(),
                     "cpus": self.space.ray.torch_threads or self.cpus,
-                    "timeout_s": self.space.trial.timeout_s}
+                    "timeout_s": trial_timeout_s(self.study, self.space)}
         return Searcher.FINISHED
 
     def _queued(self) -> bool:
@@ -170,7 +170,7 @@ class StudySearcher(Searcher):
             _store_intermediate(live, decision.phase, decision.step, decision.value)  # Ray does not pass the last result on
             self._tell_pruned(trial, decision)
         elif error:
-            reason = "timeout" if elapsed >= self.space.trial.timeout_s else "killed"
+            reason = "timeout" if elapsed >= trial_timeout_s(self.study, self.space) else "killed"
             self._tell_fail(trial, reason, "the trial process died" if reason == "killed" else "trial ran past its timeout")
         elif phase == "done":
             self._tell_complete(trial, live.role, result)
@@ -185,6 +185,18 @@ class StudySearcher(Searcher):
         if live.role in BASELINE_ROLES:
             update_baseline_stats(self.study, self.space)
         self.progress(progress_line(self.study, trial.number, self.n_trials))
+        if live.role == "baseline" and self.study.user_attrs.get("baseline_time_s"):
+            self.progress(self._time_estimate())
+
+    def _time_estimate(self) -> str:
+        """How long the rest of the study takes on this machine, from the baseline's own trial time."""
+        base_s, limit = float(self.study.user_attrs["baseline_time_s"]), trial_timeout_s(self.study, self.space)
+        left = (self.n_trials - len(counted_trials(self.study))) if self.n_trials is not None else None
+        if not left or left <= 0:
+            return f"the baseline's trial took {base_s:.0f} s on this machine; trials are stopped at {limit:.0f} s"
+        return (f"the baseline's trial took {base_s:.0f} s on this machine: the {left} trials left take about "
+                f"{left * base_s / 60:.0f} min if none is slower than the baseline, at most {left * limit / 60:.0f} min "
+                f"(each is stopped at {limit:.0f} s)")
 
     # ---- telling ------------------------------------------------------------------------------------
 
@@ -260,6 +272,15 @@ class StudySearcher(Searcher):
         trial.set_constraint("memory", float(peak_mb - limit) if limit else -1.0)
 
 
+def trial_timeout_s(study: optuna.Study, space: SearchSpace) -> float:
+    """A trial's time limit: `trial.timeout_s`, raised to `timeout_factor` x the baseline's trial time once
+    that is measured, so the limits of a study scale with the machine it runs on."""
+    budget, base_s = space.trial, study.user_attrs.get("baseline_time_s")
+    if budget.timeout_factor is None or not base_s:
+        return budget.timeout_s
+    return max(budget.timeout_s, budget.timeout_factor * float(base_s))
+
+
 def unflatten(result: dict[str, Any]) -> dict[str, Any]:
     """Undo Ray Tune's flattening of nested result dicts ("phases_ms/data" -> {"phases_ms": {"data": ...}})."""
     out: dict[str, Any] = {}
@@ -299,6 +320,7 @@ def update_baseline_stats(study: optuna.Study, space: SearchSpace) -> None:
     study.set_user_attr("baseline_throughput_seeds", [t.values[0] for t in trials])
     study.set_user_attr("baseline_knn_top1", statistics.fmean(knns))
     study.set_user_attr("baseline_knn_seeds", knns)
+    study.set_user_attr("baseline_time_s", first.user_attrs.get("time_s"))
     noise = (max(knns) - min(knns)) if len(knns) > 1 else None
     study.set_user_attr("knn_noise_points", noise)
     tolerance = max(space.constraints.knn_tolerance_points, noise or 0.0)

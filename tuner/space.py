@@ -181,7 +181,12 @@ class TrialBudget(_Strict):
     profile_steps: int = Field(1, ge=0, description="Steps after the windows timed phase by phase (not part of the throughput).")
     steps: int = Field(60, ge=1, description="Optimizer steps per trial (the quality budget).")
     eval_every_steps: int = Field(20, ge=0, description="kNN every N steps after the speed phase (0: only at the end).")
-    timeout_s: float = Field(600.0, gt=0, description="A trial running longer than this is stopped and recorded as 'timeout'.")
+    timeout_s: float = Field(600.0, gt=0, description="A trial running longer than this is stopped and recorded as "
+                             "'timeout' (the baseline's limit, and every trial's least limit).")
+    timeout_factor: float | None = Field(
+        4.0, gt=0, description="Once the baseline has run, a trial may take this many times the baseline's trial "
+        "time (never less than timeout_s): limits scale with the machine, so a slow one still finishes its trials. "
+        "null: timeout_s only.")
 
     @property
     def speed_steps(self) -> int:
