@@ -138,6 +138,8 @@ class StoredStudy:
             attrs = {"throughput_img_s": throughput, "knn_top1": knn, "speedup": throughput / base_tp,
                      "phases_ms": {p: 1.0 + i for i, p in enumerate(PHASES)}, "peak_memory_mb": 100.0,
                      "hardware": study.user_attrs["hardware"]}
+            if role == "search" and base_knn is not None:
+                attrs["knn_delta_points"] = knn - base_knn
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
             trial.set_constraint("knn_points", -self.tolerance if role != "search" else (base_knn - self.tolerance) - knn)

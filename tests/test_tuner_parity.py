@@ -62,9 +62,9 @@ def test_explain_puts_a_parity_verdict_beside_each_exact_knob_and_unmeasured_bes
 
     text = verdict(study, study.trials[1]).text
     assert text == (f"quality: parity ok for {', '.join(SYSTEM)} (each alone; run tuner confirm for the combination); "
-                    "unmeasured (method changes: crops.local_crops)")
+                    "unmeasured at this budget (method changes: crops.local_crops)")
     header = export_header(study, study.trials[1], "fastest")
-    assert "Quality: parity ok for system.channels_last" in header and "unmeasured (method changes: crops.local_crops)" in header
+    assert "Quality: parity ok for system.channels_last" in header and "unmeasured at this budget (method changes: crops.local_crops)" in header
     assert "PARITY FAILED" not in format_status(summarize(study))
 
 
@@ -95,7 +95,7 @@ def test_confirm_checks_the_winners_combination_of_system_knobs(stored_study, mo
     assert combo["trial"] == 1 and combo["verdict"] == "ok"
     assert sorted(combo["knobs"]) == SYSTEM  # the method knob (local crops) stays as the winner has it
     assert study.user_attrs["confirm_parity"]["verdict"] == "ok"
-    assert lines[-1] == (f"quality: parity ok for {', '.join(SYSTEM)}; unmeasured (method changes: crops.local_crops)")
+    assert lines[-1] == (f"quality: parity ok for {', '.join(SYSTEM)}; unmeasured at this budget (method changes: crops.local_crops)")
 
     monkeypatch.setenv("TRAINER_INJECT_FAULT", "mathbug:system.channels_last")
     outcome = confirm(study, "fastest", rounds=1, progress=lambda _: None, parity_steps=3)

@@ -219,7 +219,7 @@ def test_run_ends_by_confirming_its_winner_and_states_the_confirmed_speedup(ray_
     assert any(line.startswith("confirming trial 1 against the baseline: 2 interleaved rounds") for line in lines)
     status = format_status(summary)
     assert f"x{summary.confirm['speedup_median']:.2f} confirmed (range" in status
-    assert "quality: unmeasured (method changes: crops.local_crops)" in status
+    assert "quality: unmeasured at this budget (method changes: crops.local_crops)" in status
     # continued later, a winner already confirmed is not measured again
     lines.clear()
     run(path, n_trials=2, progress=lines.append, confirm_rounds=2)

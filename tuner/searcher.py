@@ -326,14 +326,54 @@ def update_baseline_stats(study: optuna.Study, space: SearchSpace) -> None:
     tolerance = max(space.constraints.knn_tolerance_points, noise or 0.0)
     study.set_user_attr("knn_tolerance_effective", tolerance)
     metric = space.constraints.knn_metric
+    power = knn_power(trials, metric, space.trial.steps)
+    study.set_user_attr("knn_power", power)
     initial = first.user_attrs.get(f"{metric}_initial")
     if initial is not None and max(knns) <= initial:
         best = f"best of its {len(knns)} seeds: {max(knns):.1f}" if len(knns) > 1 else f"{knns[0]:.1f}"
         whose = "student " if metric.startswith("student") else ""
         study.set_user_attr("quality_warning", f"the baseline's {whose}kNN ({best}) did not rise above its initial "
                             f"value ({initial:.1f}): this quality phase measures nothing; raise trial.steps")
+    elif not power["calibrated"]:
+        study.set_user_attr("quality_warning", power["text"])
     else:
         study.set_user_attr("quality_warning", None)
+
+
+def knn_power(trials: list, metric: str, steps: int | None) -> dict[str, Any]:
+    """Whether this study's kNN check can tell a harmful method change from a harmless one at all.
+
+    It can only if the baseline itself, at every seed, moves its kNN beyond the spread between its seeds
+    within the trial's budget: otherwise a trial's kNN "within tolerance" says nothing about what the
+    trial learned. Where the baseline rose but not enough, a straight line through its kNN before and
+    after training estimates the budget at which the rise would clear the noise.
+    """
+    finals = [float(t.values[1]) for t in trials]
+    initials = [t.user_attrs.get(f"{metric}_initial") for t in trials]
+    out: dict[str, Any] = {"calibrated": False, "seeds": len(trials), "budget_steps": steps, "needed_steps": None,
+                           "moved_points": None, "noise_points": None}
+    if len(trials) < 2 or any(i is None for i in initials):
+        out["text"] = ("method changes are unmeasured at this budget: the baseline ran at one seed, so the kNN noise "
+                       "is unknown (constraints.knn_noise_seeds >= 2)")
+        return out
+    moves = [f - float(i) for f, i in zip(finals, initials)]
+    moved, noise = statistics.fmean(moves), max(finals) - min(finals)
+    out.update(moved_points=moved, noise_points=noise)
+    if min(moves) > noise:
+        out["calibrated"] = True
+        out["text"] = (f"the baseline's kNN rose {moved:+.1f} points at every one of {len(trials)} seeds, beyond "
+                       f"their spread ({noise:.1f}): the kNN check can see method changes at this budget")
+        return out
+    where = f" in {steps} steps" if steps else ""
+    if moved > 0 and steps:
+        out["needed_steps"] = int(steps * max(noise, 1e-9) / moved) + 1
+        estimate = (f"; about {out['needed_steps']} steps would be needed (a straight line through its kNN before "
+                    "and after training)")
+    else:
+        estimate = "; no budget can be estimated from a kNN that did not rise"
+    out["text"] = (f"method changes are unmeasured at this budget: the baseline's kNN moved {moved:+.1f} points"
+                   f"{where}, not beyond the spread of its {len(trials)} seeds ({noise:.1f}){estimate}")
+    return out
 
 
 def _record_failure(trial: optuna.trial.Trial, reason: str, message: str, step: int | None) -> None:

@@ -34,10 +34,13 @@ class QualityVerdict:
     parity_failed: dict[str, str] = field(default_factory=dict)  # knob (or "combination") -> the failing line
     parity_ok: list[str] = field(default_factory=list)
     combination_checked: bool = False
+    knn_calibrated: bool = False  # the baseline's kNN moved beyond its noise within the trial's budget
+    knn_delta_points: float | None = None
+    knn_tolerance_points: float | None = None
 
     @property
     def text(self) -> str:
-        """One line: `quality: parity FAILED ...`, `quality: unmeasured (method changes: ...)`, ..."""
+        """One line: `quality: parity FAILED ...`, `quality: unmeasured at this budget (method changes: ...)`, ..."""
         parts = []
         if self.parity_failed:
             parts.append("PARITY FAILED (" + "; ".join(f"{k}: {v}" for k, v in self.parity_failed.items()) + ")")
@@ -52,7 +55,15 @@ class QualityVerdict:
                     parts.append(f"parity ok for {', '.join(self.system_changes)} (each alone; "
                                  "run tuner confirm for the combination)")
         if self.method_changes:
-            parts.append(f"unmeasured (method changes: {', '.join(self.method_changes)})")
+            changes = ", ".join(self.method_changes)
+            if not self.knn_calibrated or self.knn_delta_points is None:
+                parts.append(f"unmeasured at this budget (method changes: {changes})")
+            elif self.knn_delta_points >= -(self.knn_tolerance_points or 0.0):
+                parts.append(f"kNN within tolerance for method changes ({changes}: {self.knn_delta_points:+.1f} points, "
+                             f"tolerance {self.knn_tolerance_points:.1f})")
+            else:
+                parts.append(f"kNN LOST by method changes ({changes}: {self.knn_delta_points:+.1f} points, "
+                             f"beyond the tolerance {self.knn_tolerance_points:.1f})")
         if not parts:
             return "quality: the baseline's configuration"
         return "quality: " + "; ".join(parts)
@@ -85,6 +96,10 @@ def verdict(study: optuna.Study, trial: FrozenTrial) -> QualityVerdict:
         return result
     changes = changed_knobs(base.user_attrs["config"], trial.user_attrs["config"])
     result.method_changes = [k for k, c in changes.items() if c == METHOD]
+    attrs = study.user_attrs
+    result.knn_calibrated = bool((attrs.get("knn_power") or {}).get("calibrated"))
+    result.knn_delta_points = trial.user_attrs.get("knn_delta_points")
+    result.knn_tolerance_points = attrs.get("knn_tolerance_effective")
     result.system_changes = [k for k, c in changes.items() if c != METHOD]
     for knob, record in (study.user_attrs.get("parity") or {}).items():
         if not set(knob.split(", ")) & set(result.system_changes):
