@@ -16,7 +16,7 @@ from tuner.study import baseline_params, open_study
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("name", ["smoke", "speed", "quality"])
+@pytest.mark.parametrize("name", ["smoke", "speed", "quality", "gpu"])
 def test_shipped_spaces_load_and_build_valid_baseline_configs(name):
     space = SearchSpace.load(ROOT / "search_spaces" / f"{name}.yaml")
     assert space.name == name
