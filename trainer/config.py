@@ -168,7 +168,15 @@ class SystemConfig(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp16 uses a grad scaler.")
     tf32: bool = Field(False, description="Allow TF32 matmuls and convolutions on CUDA.")
     channels_last: bool = False
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field("off", description="torch.compile mode.")
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile mode of the backbone (training forwards only; evaluation stays eager).")
+    compile_dynamic: bool | None = Field(
+        None, description="torch.compile's `dynamic`: true traces shapes symbolically, false specializes on each shape, "
+        "null lets torch decide (it turns dynamic after the second shape it sees).")
+    compile_fallback: bool = Field(
+        False, description="On a compile error, run the backbone eagerly (torch._dynamo's suppress_errors) instead of "
+        "failing with reason 'compile'.")
+    cudnn_benchmark: bool = Field(False, description="cuDNN picks convolution kernels by timing them (CUDA only).")
     grad_checkpointing: bool = Field(False, description="Recompute backbone activations in backward.")
     num_workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes.")
     prefetch_factor: int | None = Field(None, ge=1, le=64, description="Batches prefetched per worker (needs workers).")

@@ -36,6 +36,9 @@ from trainer.schedules import cosine_schedule
 from trainer.warmstart import CHECKPOINT, load_init
 
 SUMMARY = "summary.json"
+#: Consecutive steps skipped by fp16's grad scaler after which a run has failed (the first few are expected:
+#: the scale starts at 2**16 and halves on each overflow).
+SCALER_SKIPS_FAIL = 20
 
 
 @dataclass
@@ -132,6 +135,7 @@ class Run:
         self.stop_requested = False
         # Per-parameter gradient norms (before clipping) of the last step, when a caller asks (parity).
         self.record_grad_norms = False
+        self.scaler_skips = 0  # consecutive optimizer steps fp16's grad scaler skipped
         self.grad_norms: torch.Tensor | None = None
         # A permutation of the images within every batch (parity's round-off reference: the same sums
         # in another order). None in every ordinary run.
@@ -154,6 +158,8 @@ class Run:
         torch.manual_seed(cfg.system.seed)
         torch.backends.cuda.matmul.allow_tf32 = cfg.system.tf32
         torch.backends.cudnn.allow_tf32 = cfg.system.tf32
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.system.cudnn_benchmark
         self.splits = build_splits(cfg.data)
         self.multicrop = MultiCrop(cfg.crops, cfg.augment, self.device)
         backbone, dim = build_backbone(cfg.model, cfg.crops.global_size)
@@ -179,9 +185,12 @@ class Run:
             teacher.load_state_dict(self.student.state_dict())
         self.student_fwd, self.teacher_fwd = student, teacher
         if cfg.system.compile != "off":
+            import torch._dynamo as dynamo
+
             mode = None if cfg.system.compile == "default" else cfg.system.compile
-            self.student_fwd = torch.compile(student, mode=mode)
-            self.teacher_fwd = torch.compile(teacher, mode=mode)
+            dynamo.config.suppress_errors = cfg.system.compile_fallback
+            for wrapper in (self.student, self.teacher):  # the backbone only; the head and loss stay eager
+                wrapper.compile_backbone(mode, cfg.system.compile_dynamic)
 
         o, world = cfg.optim, self.dist.world
         self.steps_per_epoch = len(self.splits.train) // (o.batch_size * world) // o.accumulation_steps
@@ -311,8 +320,14 @@ class Run:
             for p in self.last_layer_params:
                 p.grad = None
         if self.scaler:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            # A step the scaler skips (non-finite gradients at this scale) is by design; a run of them is a failure.
+            self.scaler_skips = self.scaler_skips + 1 if self.scaler.get_scale() < scale else 0
+            if self.scaler_skips >= SCALER_SKIPS_FAIL:
+                raise TrainingFailure("nan", f"the grad scaler skipped {self.scaler_skips} steps in a row "
+                                      f"(non-finite gradients down to scale {self.scaler.get_scale():g})", step)
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -362,9 +377,10 @@ class Run:
         view = lambda batch: self.multicrop.plain(batch, size)  # noqa: E731
         if e.bn_stats == "precise":
             backbone = precise_bn_copy(backbone, self.splits.train, view, e.bn_images, e.batch_size)
-        with self.autocast():
-            bank = extract_features(backbone, self.splits.train, view, e.batch_size)
-            queries = extract_features(backbone, self.splits.val, view, e.batch_size)
+        # In fp32 whatever the training precision, as DINO's eval_knn: the kNN judges the weights, and a bf16
+        # feature pass would cost a trial as much time as training on a CPU without native bf16.
+        bank = extract_features(backbone, self.splits.train, view, e.batch_size)
+        queries = extract_features(backbone, self.splits.val, view, e.batch_size)
         return weighted_knn(bank, self.splits.train_labels, queries, self.splits.val_labels,
                             e.knn_k, e.knn_temperature, self.splits.num_classes)
 

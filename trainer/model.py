@@ -187,9 +187,16 @@ class MultiCropWrapper(nn.Module):
         super().__init__()
         self.backbone, self.head, self.concat = backbone, head, concat
 
+    def compile_backbone(self, mode: str | None, dynamic: bool | None) -> None:
+        """Compile the backbone for this wrapper's forwards only (training). It is kept out of the module
+        tree, so state_dict keys, checkpoints and exports stay as they are, and evaluation, which calls the
+        backbone itself, stays eager and never compiles a second graph."""
+        self.__dict__["_compiled_backbone"] = torch.compile(self.backbone, mode=mode, dynamic=dynamic)
+
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        backbone = self.__dict__.get("_compiled_backbone", self.backbone)
         if not self.concat:
-            feats = [self.backbone(v) for v in views]
+            feats = [backbone(v) for v in views]
         else:
             feats, start = [], 0
             sizes = [v.shape[-1] for v in views]
@@ -197,6 +204,6 @@ class MultiCropWrapper(nn.Module):
                 end = start
                 while end < len(views) and sizes[end] == sizes[start]:
                     end += 1
-                feats.append(self.backbone(torch.cat(views[start:end])))
+                feats.append(backbone(torch.cat(views[start:end])))
                 start = end
         return self.head(torch.cat(feats))

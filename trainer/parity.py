@@ -168,6 +168,8 @@ def trajectory(config: TrainConfig, steps: int, init: dict[str, Any] | None = No
     from trainer.engine import Run, TrainingFailure
 
     run = Run(config, None, None)
+    if run.device.type == "cuda" and config.system.cudnn_benchmark:
+        raise ParityError("cannot be made deterministic on cuda: system.cudnn_benchmark picks kernels by timing them")
     with deterministic(run.device):
         run.build()
         if init is not None:
