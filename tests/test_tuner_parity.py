@@ -103,3 +103,12 @@ def test_confirm_checks_the_winners_combination_of_system_knobs(stored_study, mo
     quality = verdict(study, study.trials[1])
     assert quality.failed and "combination" in quality.parity_failed
     assert any("trial 1's combination: parity FAILED" in w for w in summarize(study).warnings)
+
+
+def test_explain_stores_the_round_off_reference_and_bands_its_verdicts_used(stored_study):
+    study = study_with_winner(stored_study)
+    explain(study, rounds=1, echo=lambda _: None, measure=fake_measure, parity_steps=2)
+    stored = optuna.load_study(study_name="verdicts", storage=study._storage).user_attrs["parity_tolerances"]
+    assert stored["steps"] == 2 and stored["bands"] == {}  # no approximate knob on this path
+    assert set(stored["round_off_reference"]) == {"loss", "grad_norm", "param_grad_norms", "weights", "buffers", "outputs"}
+    assert len(stored["round_off_reference"]["loss"]) == 2 and max(stored["round_off_reference"]["param_grad_norms"]) > 0

@@ -95,6 +95,9 @@ def explain(study: optuna.Study, policy: str = "fastest", rounds: int = 3, echo:
                       "cumulative_speedup": cumulative, "spread": spread, "rounds": results[n],
                       "class": group_class(groups[i], base.to_dict())})
     parity = knob_parity(base, [groups[i] for i in order], parity_steps, echo)
+    tolerances = parity.pop("_tolerances", None)
+    if tolerances is not None:  # what the verdicts were measured against: the round-off reference and the bands
+        study.set_user_attr("parity_tolerances", tolerances)
     for step, group in zip(steps, (groups[i] for i in order)):
         step["parity"] = parity.get(", ".join(group))
     record = {"baseline_trial": base_t.number, "winner_trial": win_t.number, "policy": policy, "rounds": rounds,
@@ -136,6 +139,8 @@ def knob_parity(base: TrainConfig, groups: list[dict[str, Any]], steps: int | No
                     "max_diff": result.max_diff, "tolerance_source": result.tolerance_source,
                     "worst": result.as_dict()["worst"], "class": group_class(group, base.to_dict())}
         echo(f"{key}: {result.line()} [{result.seconds:.1f} s]")
+    if shared["reference"] is not None:
+        out["_tolerances"] = {"steps": steps, "round_off_reference": shared["reference"], "bands": shared["bands"]}
     return out
 
 
