@@ -295,8 +295,11 @@ class SearchSpace(_Strict):
 
     @classmethod
     def load(cls, path: str | Path) -> "SearchSpace":
-        """Read and fully validate a space file; every problem is a one-line `ConfigError`."""
-        path = Path(path)
+        """Read and fully validate a space file (a path, or a shipped space's name); every problem is a
+        one-line `ConfigError`."""
+        from tuner.shipped import resolve_space_path
+
+        path = resolve_space_path(path)
         data = read_yaml_mapping(path)
         return cls.from_dict(data, source=str(path), root=path.parent)
 
