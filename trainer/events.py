@@ -7,8 +7,8 @@ the tuner can store them and the CLI can print them). The events, in order:
 - ``"window"``: one timed window of the speed phase: ``{"step", "window", "throughput_img_s",
   "data_wait_fraction"}``.
 - ``"speed"``: the speed phase's measurement (see `SpeedReport`), after its last window.
-- ``"log"``: ``{"step", "epoch", "loss", "lr", "throughput_img_s", "teacher_entropy", "batch_entropy",
-  "max_entropy"}`` every few steps; the entropies (nats) are the collapse monitor of `trainer.loss`.
+- ``"log"``: ``{"step", "epoch", "loss", "lr", "teacher_momentum", "throughput_img_s", "teacher_entropy",
+  "batch_entropy", "max_entropy"}`` every few steps; the entropies (nats) are the collapse monitor of `trainer.loss`.
 - ``"eval"``: ``{"step", "epoch", "knn_top1", "knn_top5", "view_agreement"}`` at each kNN evaluation
   (step 0 is the evaluation before training); `view_agreement` is how much of the teacher's output two
   augmented views of one image share (`trainer.loss.view_agreement`).
