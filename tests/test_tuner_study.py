@@ -203,3 +203,17 @@ def test_trials_past_their_timeout_are_failed_with_reason_timeout(ray_session, t
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
     assert [t.user_attrs["fail_reason"] for t in study.trials] == ["timeout", "timeout"]
     assert summary.fail_reasons == {"timeout": 2}
+
+
+def test_status_json_is_the_summary_tuner_run_returned(fault_study, capsys, monkeypatch):
+    from tuner.cli import main
+
+    folder, summary, _ = fault_study
+    monkeypatch.chdir(folder)
+    assert main(["status", "faults", "--format", "json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    returned = json.loads(json.dumps(summary.to_dict(), default=str))
+    printed.pop("confirm"), returned.pop("confirm")  # the confirm test may have run on a copy since; never here
+    assert printed == returned
+    assert printed["n_trials"] == 6 and printed["states"] == {"COMPLETE": 3, "FAIL": 2, "PRUNED": 1}
+

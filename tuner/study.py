@@ -35,10 +35,10 @@ def check_storage_url(url: str, source: str = "--storage") -> None:
     example = "e.g. sqlite:///studies/speed.db or postgresql://user:password@host/db"
     try:
         make_url(url).get_dialect()
+    except NoSuchModuleError:  # a subclass of ArgumentError: first
+        raise ConfigError(f"{source} {url!r}: unknown database kind {url.split(':', 1)[0]!r} ({example})") from None
     except ArgumentError:
         raise ConfigError(f"{source} {url!r}: not a database URL ({example})") from None
-    except NoSuchModuleError:
-        raise ConfigError(f"{source} {url!r}: unknown database kind {url.split(':', 1)[0]!r} ({example})") from None
 
 
 def storage_for(url: str) -> optuna.storages.RDBStorage:
