@@ -386,7 +386,7 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             section = field.annotation if field is not None else None
         allowed = sorted(section.model_fields) if isinstance(section, type) and issubclass(section, BaseModel) else []
         hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
-        return f"{source}: unknown field {loc!r}{close_keys_hint(str(err['loc'][-1]), allowed)}{hint}"
+        return f"{source}: unknown field {loc!r}{hint}{close_keys_hint(str(err['loc'][-1]), allowed)}"
     msg = err["msg"]
     if kind == "literal_error":
         msg = msg.replace("Input should be", "must be")
@@ -398,7 +398,7 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
 def close_keys_hint(key: str, allowed: list[str]) -> str:
     """"; did you mean X?" when `key` is close to some of `allowed` (a typo), else ""."""
     close = difflib.get_close_matches(key, allowed, n=3, cutoff=0.6)
-    return f"; did you mean {' or '.join(close)}" if close else ""
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 # ---- a reference of the fields, generated from the models (`trainer config --help`, docs/config.md) ----

@@ -25,7 +25,7 @@ import optuna
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from trainer.config import ConfigError, TrainConfig, read_yaml_mapping
+from trainer.config import ConfigError, TrainConfig, close_keys_hint, field_reference, read_yaml_mapping
 
 #: Params under this prefix set an environment variable of the trial process instead of a config field
 #: (e.g. ``env.TRAINER_INJECT_FAULT`` for fault-injection tests, or allocator settings).
@@ -327,8 +327,9 @@ class SearchSpace(_Strict):
                 continue
             field = _field_at(name)
             if field is None:
+                paths = [r["path"] for r in field_reference(TrainConfig)]
                 raise ConfigError(f"{src}: params.{name}: not a TrainConfig field (e.g. crops.local_crops, "
-                                  f"model.head.out_dim, optim.batch_size, system.num_workers)")
+                                  f"model.head.out_dim, optim.batch_size, system.num_workers){close_keys_hint(name, paths)}")
             values = param.choices if param.choices is not None else [param.low, param.high]
             if param.choices is None and param.is_int:
                 values = [int(v) for v in values]
@@ -472,7 +473,7 @@ def _one_line(exc: ValidationError, source: str) -> str:
                 parts.pop(0)  # a dict key (a knob path), not a field
         allowed = [n for n in getattr(model, "model_fields", {}) if n != "source"]
         hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
-        return f"{source}: unknown field {loc!r}{hint}"
+        return f"{source}: unknown field {loc!r}{hint}{close_keys_hint(str(err['loc'][-1]), allowed)}"
     if err["type"] == "missing":
         return f"{source}: {loc}: required field is missing"
     msg = err["msg"].replace("Value error, ", "").replace("Input should be", "must be")
