@@ -130,11 +130,13 @@ def _status(args) -> int:
 def _write_trials_csv(summary, out) -> None:
     """One row per trial, its knobs as `params_<path>` columns (as `optuna trials -f csv` names them)."""
     import csv
-    from dataclasses import asdict
+    from dataclasses import asdict, fields
+
+    from tuner.summary import TrialRow
 
     rows = [asdict(t) for t in summary.trials]
     knobs = sorted({k for r in rows for k in r["params"]})
-    columns = [k for k in (rows[0] if rows else {}) if k != "params"] + [f"params_{k}" for k in knobs]
+    columns = [f.name for f in fields(TrialRow) if f.name != "params"] + [f"params_{k}" for k in knobs]
     writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for r in rows:
