@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from trainer.config import ConfigError
 
@@ -38,3 +40,13 @@ def split_config_and_overrides(tokens: list[str], command: str) -> tuple[str | N
             raise ConfigError(f"{command}: two configs given ({config!r} and {token!r}); give one CONFIG, "
                               f"and overrides as KEY=VALUE or --set KEY=VALUE")
     return config, overrides
+
+
+def quiet_broken_pipe() -> int:
+    """The reader of stdout stopped early (`tuner status -f csv | head`): not an error; say nothing more.
+
+    Python would otherwise print a BrokenPipeError traceback, and again when it flushes stdout at exit.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 0

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.arguments import EXIT_CODES, OneLineParser, split_config_and_overrides
+from trainer.arguments import EXIT_CODES, OneLineParser, quiet_broken_pipe, split_config_and_overrides
 from trainer.config import ConfigError, TrainConfig, field_reference, packaged_config_names, resolve_config_path
 from trainer.table import format_table
 
@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return quiet_broken_pipe()
 
 
 def _is_main_rank() -> bool:

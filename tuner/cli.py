@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from trainer.arguments import EXIT_CODES, OneLineParser
+from trainer.arguments import EXIT_CODES, OneLineParser, quiet_broken_pipe
 from trainer.config import ConfigError
 from tuner.remeasure import MeasurementFailed
 
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to continue the study", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return quiet_broken_pipe()
 
 
 def _run(args) -> int:
