@@ -174,3 +174,28 @@ def test_cli_bench_json_prints_the_speed_report(tmp_path, capsys):
     assert set(report["phases_ms"]) == set(PHASES) and report["peak_memory_mb"] > 0
     assert report["timed_steps"] == 4 and len(report["throughput_windows"]) == 2
     assert not (tmp_path / "runs").exists()
+
+
+def test_log_jsonl_has_a_line_per_log_step_and_per_evaluation_written_as_the_run_goes(tmp_path):
+    out = tmp_path / "run"
+    seen_while_running: list[int] = []
+
+    def count_lines(event, payload):  # the file is readable mid-run, as a plotting script would read it
+        if event == "eval":
+            seen_while_running.append(len((out / "log.jsonl").read_text().splitlines()))
+
+    result = train(tiny_config(eval__every_steps=3), callback=count_lines, out_dir=out)
+    assert result.status == "ok"
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(d["kind"], d["step"]) for d in lines] == [("eval", 0), ("train", 3), ("eval", 3), ("train", 6), ("eval", 6)]
+    assert seen_while_running == [1, 3, 5]
+    train_lines = [d for d in lines if d["kind"] == "train"]
+    assert [d["epoch"] for d in train_lines] == [1.0, 2.0]  # 3 steps an epoch: one line per epoch
+    assert [d["loss"] for d in train_lines] == pytest.approx([result.losses[2], result.losses[5]])
+    assert all(0.996 <= d["teacher_momentum"] <= 1.0 and d["lr"] > 0 and d["throughput_img_s"] > 0 for d in train_lines)
+    assert train_lines[0]["teacher_momentum"] < train_lines[1]["teacher_momentum"]  # cosine towards 1
+    assert train_lines[-1]["teacher_entropy"] == pytest.approx(result.summary["teacher_entropy"])
+    evals = [d for d in lines if d["kind"] == "eval"]
+    assert evals[0]["knn_top1"] == pytest.approx(result.summary["knn_top1_initial"])
+    assert evals[-1]["knn_top1"] == pytest.approx(result.summary["knn_top1"])
+    assert set(evals[0]) == {"kind", "step", "epoch", "knn_top1", "knn_top5", "view_agreement"}

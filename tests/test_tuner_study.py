@@ -236,3 +236,17 @@ def test_a_study_without_confirmation_says_unconfirmed(stored_study):
     study = optuna.load_study(study_name="plain", storage=s.url)
     assert "best feasible: trial 1, 30.0 img/s, x3.00 unconfirmed" in format_status(summarize(study))
     assert "Speedup unconfirmed" in export_header(study, study.trials[1], "fastest")
+
+
+def test_status_json_is_the_summary_tuner_run_returned(fault_study, capsys, monkeypatch):
+    from tuner.cli import main
+
+    folder, summary, _ = fault_study
+    monkeypatch.chdir(folder)
+    assert main(["status", "faults", "--format", "json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    returned = json.loads(json.dumps(summary.to_dict(), default=str))
+    printed.pop("confirm"), returned.pop("confirm")  # the confirm test may have run on a copy since; never here
+    assert printed == returned
+    assert printed["n_trials"] == 6 and printed["states"] == {"COMPLETE": 3, "FAIL": 2, "PRUNED": 1}
+

@@ -1,4 +1,5 @@
-"""The `trainer` command: `trainer train` runs a config to its budget, `trainer bench` runs its speed phase."""
+"""The `trainer` command: `trainer train` runs a config to its budget, `trainer bench` runs its speed phase,
+`trainer config` prints a config as it would run, every default and override resolved."""
 
 from __future__ import annotations
 
@@ -9,23 +10,32 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.config import ConfigError, TrainConfig, default_config_path
+from trainer.arguments import EXIT_CODES, OneLineParser, quiet_broken_pipe, split_config_and_overrides
+from trainer.config import ConfigError, TrainConfig, field_reference, packaged_config_names, resolve_config_path
 from trainer.table import format_table
+
+_CONFIG_HELP = ("TrainConfig YAML, or the name of a shipped config ({names}); default: default. "
+                "Then any KEY=VALUE overrides, e.g. model.head.out_dim=32768")
+_SET_HELP = "override a field, e.g. --set model.head.out_dim=32768 (repeatable; a bare KEY=VALUE works too)"
+_FIELDS_HINT = "fields: `trainer config --help` lists every field with its default; docs/config.md is the reference"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="trainer", description="Train DINO from one YAML config, or measure its speed.")
+    p = OneLineParser(prog="trainer", description="Train DINO from one YAML config, or measure its speed.",
+                      epilog=EXIT_CODES)
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a config (default: the embedded digits default) and evaluate kNN")
-    t.add_argument("config", nargs="?", help=f"TrainConfig YAML (default: {default_config_path()})")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field, e.g. --set model.head.out_dim=32768 (repeatable)")
-    t.add_argument("--out", type=Path, help="run folder for checkpoints and summary.json (default: runs/<config>-<time>)")
+    config_help = _CONFIG_HELP.format(names=", ".join(packaged_config_names()))
+    t = sub.add_parser("train", help="train a config (default: the embedded digits default) and evaluate kNN",
+                       epilog=f"{_FIELDS_HINT}. {EXIT_CODES}.")
+    t.add_argument("config", nargs="?", metavar="CONFIG [KEY=VALUE ...]", help=config_help)
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
+    t.add_argument("--out", type=Path, help="run folder for checkpoints, summary.json and log.jsonl (default: runs/<config>-<time>)")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (default: the latest run of this config)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    b = sub.add_parser("bench", help="run only the measured speed phase and print the measurement")
-    b.add_argument("config", nargs="?", help="TrainConfig YAML (default: the embedded default)")
-    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    b = sub.add_parser("bench", help="run only the measured speed phase and print the measurement",
+                       epilog=f"{_FIELDS_HINT}. {EXIT_CODES}.")
+    b.add_argument("config", nargs="?", metavar="CONFIG [KEY=VALUE ...]", help=config_help)
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
     b.add_argument("--json", action="store_true", help="print the measurement as JSON")
     q = sub.add_parser("parity", help="check that B trains exactly as A does (B differs only in exact or approximate knobs)",
                        description="Run N steps of A and of B from the same seed, data, augmentation and initial weights "
@@ -40,18 +50,41 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("source", help="a run folder (holding checkpoint.pt) or a checkpoint file")
     e.add_argument("-o", "--output", type=Path, required=True, help="the state_dict file to write, e.g. backbone.pth")
     e.add_argument("--which", choices=("teacher", "student"), default="teacher", help="which backbone (default: teacher)")
+    c = sub.add_parser("config", help="print the fully resolved config (YAML) a train or bench would run",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_fields_epilog())
+    c.add_argument("config", nargs="?", metavar="CONFIG [KEY=VALUE ...]", help=config_help)
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP)
     return p
+
+
+def _fields_epilog() -> str:
+    """Every TrainConfig field with its default and description, for `trainer config --help`."""
+    lines = ["fields (KEY for --set or KEY=VALUE; default in brackets):"]
+    for row in field_reference(TrainConfig):
+        default = json.dumps(row["default"], default=str)
+        lines.append(f"  {row['path']} [{default}]  {row['description']}".rstrip())
+    return "\n".join(lines + ["", EXIT_CODES])
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user mistakes print one line and return 2, failed runs return 1."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
     try:
         if args.command == "parity":
             return _parity(args)
         if args.command == "export-backbone":
             return _export_backbone(args)
+        if args.command in ("train", "bench", "config"):
+            args.config, bare = split_config_and_overrides(([args.config] if args.config else []) + extra, args.command)
+            args.overrides = args.overrides + bare
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         cfg = TrainConfig.load(args.config, args.overrides)
+        if args.command == "config":
+            print(cfg.to_yaml(header=f"resolved from {resolve_config_path(args.config)}"
+                                     + (f" with {' '.join(args.overrides)}" if args.overrides else "")), end="")
+            return 0
         if args.command == "bench":
             return _bench(cfg, args)
         return _train(cfg, args)
@@ -61,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return quiet_broken_pipe()
 
 
 def _is_main_rank() -> bool:
@@ -85,7 +120,7 @@ def _train(cfg: TrainConfig, args) -> int:
     from trainer.engine import train
     from trainer.loss import collapse_note
 
-    out = _run_dir(args, Path(args.config) if args.config else default_config_path())
+    out = _run_dir(args, resolve_config_path(args.config))
     progress = _Progress(enabled=not args.quiet and _is_main_rank())
     if _is_main_rank():
         print(f"training -> {out}" + (" (resuming)" if args.resume else ""), file=sys.stderr)

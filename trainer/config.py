@@ -10,6 +10,7 @@ Errors a user can cause (an unknown key, a value out of range, a malformed overr
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -132,11 +133,11 @@ class ModelConfig(_Strict):
 class LossConfig(_Strict):
     """DINO loss: cross-entropy between sharpened, centered teacher and student distributions."""
 
-    student_temp: float = Field(0.1, gt=0.0, le=10.0)
+    student_temp: float = Field(0.1, gt=0.0, le=10.0, description="Student temperature (softmax of the student's outputs).")
     teacher_temp: float = Field(0.04, gt=0.0, le=10.0, description="Teacher temperature after warm-up.")
     warmup_teacher_temp: float = Field(0.04, gt=0.0, le=10.0, description="Teacher temperature at step 0.")
     warmup_teacher_temp_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up length of the teacher temperature.")
-    center_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    center_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="EMA momentum of the center subtracted from the teacher's outputs.")
     pairing: Literal["standard", "globals_only", "global_to_local"] = Field(
         "standard",
         description="standard: every teacher global view against every other student view; "
@@ -151,10 +152,10 @@ class OptimConfig(_Strict):
     batch_size: int = Field(64, ge=1, le=65536, description="Images per optimizer micro-batch (per process).")
     accumulation_steps: int = Field(1, ge=1, le=256, description="Micro-batches per optimizer step.")
     lr: float = Field(5e-4, gt=0.0, le=10.0, description="Base learning rate for an effective batch of 256.")
-    min_lr: float = Field(1e-6, ge=0.0)
+    min_lr: float = Field(1e-6, ge=0.0, description="Learning rate at the end of the cosine schedule.")
     warmup_epochs: float = Field(1.0, ge=0.0, description="Linear lr warm-up.")
-    weight_decay: float = Field(0.04, ge=0.0)
-    weight_decay_end: float = Field(0.4, ge=0.0)
+    weight_decay: float = Field(0.04, ge=0.0, description="Weight decay at the start (cosine to weight_decay_end; none on biases and norms).")
+    weight_decay_end: float = Field(0.4, ge=0.0, description="Weight decay at the end of training.")
     momentum_teacher: float = Field(0.996, ge=0.0, le=1.0, description="Teacher EMA momentum at the start (cosine to 1).")
     clip_grad: float = Field(3.0, ge=0.0, description="Per-parameter gradient norm clip (0: off).")
     freeze_last_layer_epochs: float = Field(1.0, ge=0.0, description="Epochs during which the head's last layer is frozen.")
@@ -164,10 +165,10 @@ class OptimConfig(_Strict):
 class SystemConfig(_Strict):
     """Speed knobs that do not change the math (except precision)."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else the CPU.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp16 uses a grad scaler.")
     tf32: bool = Field(False, description="Allow TF32 matmuls and convolutions on CUDA.")
-    channels_last: bool = False
+    channels_last: bool = Field(False, description="channels_last memory format for the models and the crops.")
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
         "off", description="torch.compile mode of the backbone (training forwards only; evaluation stays eager).")
     compile_dynamic: bool | None = Field(
@@ -180,9 +181,9 @@ class SystemConfig(_Strict):
     grad_checkpointing: bool = Field(False, description="Recompute backbone activations in backward.")
     num_workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes.")
     prefetch_factor: int | None = Field(None, ge=1, le=64, description="Batches prefetched per worker (needs workers).")
-    pin_memory: bool = False
-    persistent_workers: bool = False
-    seed: int = 0
+    pin_memory: bool = Field(False, description="Pinned host memory for batches (CUDA only).")
+    persistent_workers: bool = Field(False, description="Keep DataLoader workers alive between epochs (needs workers).")
+    seed: int = Field(0, description="Seed of the initial weights, the data order and the augmentation.")
 
     @model_validator(mode="after")
     def _worker_options(self) -> "SystemConfig":
@@ -194,7 +195,7 @@ class SystemConfig(_Strict):
 class BudgetConfig(_Strict):
     """How long to train: epochs, or a fixed number of optimizer steps (which wins when set)."""
 
-    epochs: int = Field(10, ge=1, le=100000)
+    epochs: int = Field(10, ge=1, le=100000, description="Passes over the training images.")
     steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
     time_limit_s: float | None = Field(None, gt=0.0, description="Stop (and evaluate) after this much training time.")
 
@@ -206,8 +207,8 @@ class EvalConfig(_Strict):
     beside it because it is the one that sees what a short trial did to the weights.
     """
 
-    knn_k: int = Field(20, ge=1, le=1000)
-    knn_temperature: float = Field(0.07, gt=0.0, le=10.0)
+    knn_k: int = Field(20, ge=1, le=1000, description="Neighbours that vote (DINO: 20).")
+    knn_temperature: float = Field(0.07, gt=0.0, le=10.0, description="Vote weight exp(similarity / T) (DINO: 0.07).")
     every_epochs: int = Field(0, ge=0, description="Evaluate every N epochs during training (0: only at the end).")
     every_steps: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: off); for short trials.")
     at_start: bool = Field(True, description="Evaluate before training (knn_top1_initial).")
@@ -230,16 +231,22 @@ class EvalConfig(_Strict):
 class MeasureConfig(_Strict):
     """The speed phase: warm-up steps not counted, timed windows of steps, then profiled steps."""
 
-    warmup_steps: int = Field(3, ge=0, le=10000)
-    window_steps: int = Field(5, ge=1, le=10000, description="Steps per timed window (synchronized only at its ends).")
-    windows: int = Field(3, ge=1, le=1000)
+    warmup_steps: int = Field(3, ge=0, le=10000, description="Steps run before timing starts (allocator, caches, compile).")
+    window_steps: int = Field(5, ge=1, le=10000, description="Steps per timed window (synchronized only at its two ends).")
+    windows: int = Field(3, ge=1, le=1000, description="Timed windows; throughput is their median.")
     profile_steps: int = Field(
         2, ge=0, le=1000, description="Steps after the windows whose time is broken down by phase (synchronized "
         "at every phase on a GPU, so never part of the throughput); 0: no breakdown.")
 
 
 class TrainConfig(_Strict):
-    """Everything that defines one training run."""
+    """Everything that defines one training run.
+
+    `TrainConfig()` keeps DINO's head sizes (65536 prototypes, hidden width 2048). The shipped
+    `configs/default.yaml`, which `trainer train` runs without a CONFIG, shrinks the head and sets the
+    warm-up, epochs and evaluation points for the embedded digits data on a CPU. `docs/config.md` lists
+    every field with both values where they differ.
+    """
 
     data: DataConfig = Field(default_factory=DataConfig)
     crops: CropsConfig = Field(default_factory=CropsConfig)
@@ -295,8 +302,9 @@ class TrainConfig(_Strict):
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "TrainConfig":
-        """Load YAML from `path` (None: the embedded default), then apply `key=value` overrides."""
-        path = Path(path) if path is not None else default_config_path()
+        """Load YAML from `path` (a file, or a shipped config's name; None: the embedded default), then apply
+        `key=value` overrides."""
+        path = resolve_config_path(path)
         data = read_yaml_mapping(path)
         source = f"{path} (with --set {' '.join(overrides)})" if overrides else str(path)
         data = apply_overrides(data, overrides or [], source=source)
@@ -309,8 +317,42 @@ class TrainConfig(_Strict):
 
 
 def default_config_path() -> Path:
-    """The embedded default config, `configs/default.yaml` at the project root."""
-    return Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+    """The embedded default config, `configs/default.yaml` (package data: `trainer/configs/` in a wheel)."""
+    return packaged_config_path("default")
+
+
+def _packaged_configs_dir() -> Path:
+    # An installed wheel carries the files inside the package (pyproject maps configs/ to trainer.configs);
+    # a source checkout or an editable install reads them where they are kept, at the repository root.
+    here = Path(__file__).resolve().parent
+    inside = here / "configs"
+    return inside if inside.is_dir() else here.parent / "configs"
+
+
+def packaged_config_names() -> list[str]:
+    """Names of the configs shipped with the package (`trainer train NAME`)."""
+    return sorted(p.stem for p in _packaged_configs_dir().glob("*.yaml"))
+
+
+def packaged_config_path(name: str) -> Path:
+    """The path of the shipped config `name` (e.g. "default")."""
+    return _packaged_configs_dir() / f"{name}.yaml"
+
+
+def resolve_config_path(ref: str | Path | None) -> Path:
+    """`CONFIG` as a user gives it: a YAML path, or the name of a shipped config (`default`); None: the default.
+
+    A path that exists wins over a name; a bare word that is neither is a one-line `ConfigError`.
+    """
+    if ref is None:
+        return default_config_path()
+    path = Path(ref)
+    if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    if str(ref) in packaged_config_names():
+        return packaged_config_path(str(ref))
+    raise ConfigError(f"{ref}: no such config file, and not a shipped config name "
+                      f"(shipped: {', '.join(packaged_config_names())})")
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
@@ -318,7 +360,10 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
+                          f"expected a YAML file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -378,10 +423,85 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             section = field.annotation if field is not None else None
         allowed = sorted(section.model_fields) if isinstance(section, type) and issubclass(section, BaseModel) else []
         hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
-        return f"{source}: unknown field {loc!r}{hint}"
+        return f"{source}: unknown field {loc!r}{hint}{close_keys_hint(str(err['loc'][-1]), allowed)}"
     msg = err["msg"]
     if kind == "literal_error":
         msg = msg.replace("Input should be", "must be")
     extra = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
     more = f" [and {len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
     return f"{source}: {loc}: {msg}{extra}{more}"
+
+
+def close_keys_hint(key: str, allowed: list[str]) -> str:
+    """"; did you mean X?" when `key` is close to some of `allowed` (a typo), else ""."""
+    close = difflib.get_close_matches(key, allowed, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+# ---- a reference of the fields, generated from the models (`trainer config --help`, docs/config.md) ----
+
+
+def field_reference(model: type[BaseModel], prefix: str = "") -> list[dict[str, Any]]:
+    """Every leaf field of `model` with its dotted path, type, constraints, default and description.
+
+    Nested sections are walked; a `dict[str, Model]` field (a search space's knobs) shows its key as
+    `<name>`. Fields excluded from dumps (internal bookkeeping) are left out.
+    """
+    rows: list[dict[str, Any]] = []
+    for name, field in model.model_fields.items():
+        if field.exclude:
+            continue
+        path = f"{prefix}{name}"
+        inner, keyed = _section_model(field.annotation)
+        if inner is not None:
+            if not field.is_required() and field.get_default(call_default_factory=True) is None:
+                rows.append({"path": path, "type": "section or null", "default": None, "required": False,
+                             "description": " ".join((field.description or "").split())})
+            rows += field_reference(inner, f"{path}.<name>." if keyed else f"{path}.")
+            continue
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        rows.append({"path": path, "type": _type_text(field), "default": default, "required": field.is_required(),
+                     "description": " ".join((field.description or "").split())})
+    return rows
+
+
+def _section_model(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The config section inside an annotation: a model, Optional[model] or dict[str, model]."""
+    from typing import Union, get_args, get_origin
+    from types import UnionType
+
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is dict and args and isinstance(args[1], type) and issubclass(args[1], BaseModel):
+        return args[1], True
+    if origin in (Union, UnionType):
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        return (models[0], False) if models else (None, False)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    return None, False
+
+
+def _type_text(field: Any) -> str:
+    """`int >= 1, <= 4`, `one of: fp32, bf16, fp16`, `float or null`, ... for a pydantic FieldInfo."""
+    from typing import Literal, Union, get_args, get_origin
+    from types import UnionType
+
+    def name(tp: Any) -> str:
+        origin, args = get_origin(tp), get_args(tp)
+        if origin is Literal:
+            return "one of: " + ", ".join(str(a) for a in args)
+        if origin in (Union, UnionType):
+            parts = [f"({p})" if "," in p else p for p in (name(a) for a in args if a is not type(None))]
+            return " or ".join(parts) + (" or null" if type(None) in args else "")
+        if origin in (tuple, list, dict):
+            return f"{origin.__name__}[{', '.join(name(a) for a in args)}]"
+        return getattr(tp, "__name__", str(tp))
+
+    bounds = []
+    for meta in field.metadata:
+        for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "length >="),
+                           ("pattern", "matching")):
+            value = getattr(meta, attr, None)
+            if value is not None:
+                bounds.append(f"{sign} {value}")
+    return name(field.annotation) + (" " + ", ".join(bounds) if bounds else "")

@@ -27,11 +27,13 @@ import torch.distributed as dist
 from trainer.augment import MultiCrop
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import EpochBatchSampler, build_splits, collate_batch
+from trainer.distributed import average_batchnorm_statistics, sync_batchnorm_view
 from trainer.events import Callback, SpeedReport, TrainingFailure
 from trainer.knn import extract_features, weighted_knn
 from trainer.loss import DINOLoss, view_agreement
 from trainer.measure import PhaseTimer, SpeedClock, peak_memory_mb, summarize_windows
 from trainer.model import DINOHead, MultiCropWrapper, build_backbone
+from trainer.runlog import LOG, RunLog
 from trainer.schedules import cosine_schedule
 from trainer.warmstart import CHECKPOINT, load_init
 
@@ -143,10 +145,14 @@ class Run:
         self.losses: list[float] = []
         self.evals: list[dict[str, Any]] = []
         self.step = 0
+        self.run_log: RunLog | None = None  # log.jsonl, on rank 0 when the run has a folder
+        self.average_teacher_bn = False
 
     # ---- events ---------------------------------------------------------------------------
 
     def emit(self, event: str, payload: dict[str, Any]) -> None:
+        if self.run_log is not None:
+            self.run_log(event, payload)
         if self.callback is not None and self.dist.main:
             if self.callback(event, payload):
                 self.stop_requested = True
@@ -175,6 +181,7 @@ class Run:
         teacher.to(self.device, memory_format=self.memory_format)
         student.backbone.grad_checkpointing = cfg.system.grad_checkpointing
         self.student, self.teacher = student, teacher  # unwrapped modules: EMA, checkpoints, evaluation
+        teacher_step = teacher  # what a training step runs as the teacher
         if self.dist.world > 1:
             if self.device.type == "cuda":
                 student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -183,13 +190,19 @@ class Run:
                 student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             # DDP has just broadcast rank 0's weights to every rank; the teacher starts from those too.
             teacher.load_state_dict(self.student.state_dict())
-        self.student_fwd, self.teacher_fwd = student, teacher
+            # DINO synchronizes the teacher's BatchNorm as the student's (trainer.distributed says how).
+            if self.device.type == "cuda":
+                teacher_step = sync_batchnorm_view(teacher)
+            else:
+                self.average_teacher_bn = True
+        self.student_fwd, self.teacher_fwd = student, teacher_step
         if cfg.system.compile != "off":
             import torch._dynamo as dynamo
 
             mode = None if cfg.system.compile == "default" else cfg.system.compile
             dynamo.config.suppress_errors = cfg.system.compile_fallback
-            for wrapper in (self.student, self.teacher):  # the backbone only; the head and loss stay eager
+            # The backbone only (the head and loss stay eager), in the modules a training step runs.
+            for wrapper in (self.student, teacher_step):
                 wrapper.compile_backbone(mode, cfg.system.compile_dynamic)
 
         o, world = cfg.optim, self.dist.world
@@ -336,6 +349,8 @@ class Run:
     def ema_update(self, m: float) -> None:
         torch._foreach_mul_(self.teacher_params, m)
         torch._foreach_add_(self.teacher_params, self.student_params, alpha=1.0 - m)
+        if self.average_teacher_bn:
+            average_batchnorm_statistics(self.teacher)
 
     def entropy_report(self) -> dict[str, float | None]:
         """The last tracked teacher entropies (nats) beside their maximum, ln K: the collapse monitor."""
@@ -478,6 +493,8 @@ def train(config: TrainConfig, callback: Callback | None = None, out_dir: str | 
     (a user's mistake) is raised; any failure during the run is returned as `status="failed"`.
     """
     run = Run(config, callback, Path(out_dir) if out_dir is not None else None)
+    if run.out_dir is not None and run.dist.main:
+        run.run_log = RunLog(run.out_dir / LOG, append=resume)
     t_start = time.perf_counter()
     try:
         run.build()
@@ -545,6 +562,7 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
                 now = time.perf_counter()
                 run.emit("log", {"step": run.step, "epoch": run.step / run.steps_per_epoch, "loss": loss,
                                  "lr": float(run.lr[run.step - 1]), "total_steps": run.total_steps,
+                                 "teacher_momentum": float(run.momentum[run.step - 1]),
                                  "throughput_img_s": (run.step - logged_step) * run.images_per_step / max(1e-9, now - t_log),
                                  **run.entropy_report()})
                 t_log, logged_step = now, run.step

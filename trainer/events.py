@@ -7,8 +7,8 @@ the tuner can store them and the CLI can print them). The events, in order:
   "init"}`` once the model and data exist (`init`: what `model.init` loaded, or None).
 - ``"window"``: one timed window of the speed phase: ``{"step", "window", "throughput_img_s"}``.
 - ``"speed"``: the speed phase's measurement (see `SpeedReport`), after its last window.
-- ``"log"``: ``{"step", "epoch", "loss", "lr", "throughput_img_s", "teacher_entropy", "batch_entropy",
-  "max_entropy"}`` every few steps; the entropies (nats) are the collapse monitor of `trainer.loss`.
+- ``"log"``: ``{"step", "epoch", "loss", "lr", "teacher_momentum", "throughput_img_s", "teacher_entropy",
+  "batch_entropy", "max_entropy"}`` every few steps; the entropies (nats) are the collapse monitor of `trainer.loss`.
 - ``"eval"``: ``{"step", "epoch", "knn_top1", "knn_top5", "student_knn_top1", "student_knn_top5",
   "view_agreement", "bn_stats", "eval_s"}`` at each kNN evaluation (step 0 is the evaluation before
   training); `knn_*` are the teacher's, `student_knn_*` the student's (an EMA teacher barely moves in a

@@ -14,7 +14,7 @@ from typing import Callable
 import optuna
 
 from trainer.config import ConfigError
-from tuner.remeasure import MeasurementFailed, interleaved, measured_config, ratio_stats
+from tuner.remeasure import interleaved, measured_config, ratio_stats
 from tuner.select import baseline_trial, pick
 from tuner.verdicts import system_knobs_at_baseline, verdict
 
@@ -28,10 +28,8 @@ def confirm(study: optuna.Study, policy: str = "fastest", rounds: int = 3,
         raise ConfigError(f"study {study.study_name!r} has no completed baseline trial to compare with")
     say = progress or (lambda line: None)
     labels = [f"winner (trial {winner.number})", f"baseline (trial {base.number})"]
-    try:
-        measured = interleaved([measured_config(study, winner), measured_config(study, base)], rounds, say, labels)
-    except MeasurementFailed as exc:
-        raise ConfigError(f"confirm: a measurement failed: {exc}") from None
+    # A failed measurement raises MeasurementFailed: not the user's mistake (`tuner confirm` exits 1, not 2).
+    measured = interleaved([measured_config(study, winner), measured_config(study, base)], rounds, say, labels)
     median, _, ratios = ratio_stats(measured[0], measured[1])
     outcome = {"trial": winner.number, "baseline_trial": base.number, "rounds": rounds, "pick": policy,
                "winner_img_s": measured[0], "baseline_img_s": measured[1], "speedups": ratios,

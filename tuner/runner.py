@@ -11,10 +11,11 @@ from typing import Callable
 import ray
 from ray import tune
 
+from trainer.config import ConfigError
 from tuner.pruning import PruningBridge, PruningScheduler
 from tuner.searcher import StudySearcher, update_baseline_stats
 from tuner.space import SearchSpace
-from tuner.study import counted_trials, open_study, recover_interrupted
+from tuner.study import check_storage_url, counted_trials, open_study, recover_interrupted
 from tuner.summary import StudySummary, summarize
 from tuner.trial import run_trial
 
@@ -33,7 +34,12 @@ def run(space: SearchSpace | str | Path, n_trials: int | None = None, timeout_s:
     """
     if not isinstance(space, SearchSpace):
         space = SearchSpace.load(space)
+    # Every argument is checked before the database is opened, so a mistake never creates or changes a study.
+    for name, value in (("n_trials", n_trials), ("timeout_s", timeout_s)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{name}={value}: must be above 0 (--n-trials, --timeout)")
     url = storage or space.storage_url()
+    check_storage_url(url, "--storage" if storage else f"{space.source}: storage")
     n_trials = n_trials if n_trials is not None else space.budget.n_trials
     timeout_s = timeout_s if timeout_s is not None else space.budget.timeout_s
     say = progress or (lambda line: None)
@@ -81,6 +87,7 @@ def confirm_winner(study, rounds: int, say: Callable[[str], None]) -> None:
     """`tuner confirm` of the best feasible trial, unless it is the baseline or is confirmed already."""
     from trainer.config import ConfigError
     from tuner.confirm import confirm
+    from tuner.remeasure import MeasurementFailed
     from tuner.select import baseline_trial, best_feasible
 
     best, base = best_feasible(study), baseline_trial(study)
@@ -91,7 +98,7 @@ def confirm_winner(study, rounds: int, say: Callable[[str], None]) -> None:
     say(f"confirming trial {best.number} against the baseline: {rounds} interleaved rounds (skip with --confirm-rounds 0)")
     try:
         confirm(study, "fastest", rounds, progress=say)
-    except ConfigError as exc:  # a measurement failed: the speedup stays unconfirmed, the study is intact
+    except (ConfigError, MeasurementFailed) as exc:  # the speedup stays unconfirmed; the study is intact
         say(f"confirm did not finish: {exc}; the speedup stays unconfirmed")
 
 

@@ -25,7 +25,7 @@ import optuna
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from trainer.config import ConfigError, TrainConfig, read_yaml_mapping
+from trainer.config import ConfigError, TrainConfig, close_keys_hint, field_reference, read_yaml_mapping
 from trainer.knobs import knob_class
 
 #: Params under this prefix set an environment variable of the trial process instead of a config field
@@ -317,8 +317,11 @@ class SearchSpace(_Strict):
 
     @classmethod
     def load(cls, path: str | Path) -> "SearchSpace":
-        """Read and fully validate a space file; every problem is a one-line `ConfigError`."""
-        path = Path(path)
+        """Read and fully validate a space file (a path, or a shipped space's name); every problem is a
+        one-line `ConfigError`."""
+        from tuner.shipped import resolve_space_path
+
+        path = resolve_space_path(path)
         data = read_yaml_mapping(path)
         return cls.from_dict(data, source=str(path), root=path.parent)
 
@@ -354,8 +357,9 @@ class SearchSpace(_Strict):
                 continue
             field = _field_at(name)
             if field is None:
+                paths = [r["path"] for r in field_reference(TrainConfig)]
                 raise ConfigError(f"{src}: params.{name}: not a TrainConfig field (e.g. crops.local_crops, "
-                                  f"model.head.out_dim, optim.batch_size, system.num_workers)")
+                                  f"model.head.out_dim, optim.batch_size, system.num_workers){close_keys_hint(name, paths)}")
             try:
                 knob_class(name, base.to_dict())  # every knob has a declared class, so it gets a quality verdict
             except ConfigError as exc:
@@ -504,7 +508,7 @@ def _one_line(exc: ValidationError, source: str) -> str:
                 parts.pop(0)  # a dict key (a knob path), not a field
         allowed = [n for n in getattr(model, "model_fields", {}) if n != "source"]
         hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
-        return f"{source}: unknown field {loc!r}{hint}"
+        return f"{source}: unknown field {loc!r}{hint}{close_keys_hint(str(err['loc'][-1]), allowed)}"
     if err["type"] == "missing":
         return f"{source}: {loc}: required field is missing"
     msg = err["msg"].replace("Value error, ", "").replace("Input should be", "must be")

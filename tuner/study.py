@@ -27,6 +27,20 @@ OBJECTIVES = ("throughput_img_s", "knn_top1")
 BASELINE_ROLES = ("baseline", "baseline_noise")
 
 
+def check_storage_url(url: str, source: str = "--storage") -> None:
+    """A one-line `ConfigError` unless `url` is a database URL SQLAlchemy knows (checked before any connection)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    example = "e.g. sqlite:///studies/speed.db or postgresql://user:password@host/db"
+    try:
+        make_url(url).get_dialect()
+    except NoSuchModuleError:  # a subclass of ArgumentError: first
+        raise ConfigError(f"{source} {url!r}: unknown database kind {url.split(':', 1)[0]!r} ({example})") from None
+    except ArgumentError:
+        raise ConfigError(f"{source} {url!r}: not a database URL ({example})") from None
+
+
 def storage_for(url: str) -> optuna.storages.RDBStorage:
     """An RDB storage for `url`; a relative SQLite path gets its folder created."""
     if url.startswith("sqlite:///"):
@@ -163,6 +177,7 @@ def resolve_study(study: str, study_name: str | None = None) -> tuple[str, str]:
         if not Path(f"studies/{study}.db").exists():
             raise ConfigError(f"no study database studies/{study}.db (give a study name or a storage URL)")
         return url, study_name or study
+    check_storage_url(study, "STUDY")
     if study.startswith("sqlite:///") and not Path(study[len("sqlite:///"):]).exists():
         raise ConfigError(f"{study}: no such database file")
     names = [s.study_name for s in optuna.get_all_study_summaries(storage_for(study))]

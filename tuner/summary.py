@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import optuna
@@ -68,6 +68,10 @@ class StudySummary:
     @property
     def n_trials(self) -> int:
         return len(self.trials)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-ready data: what `tuner status --format json` prints."""
+        return {**asdict(self), "n_trials": self.n_trials}
 
 
 def summarize(study: optuna.Study, storage_url: str = "") -> StudySummary:
