@@ -121,12 +121,12 @@ def test_a_misspelt_knob_or_section_in_a_space_names_the_close_ones(tmp_path, ti
 
 
 def test_shipped_spaces_are_found_by_name():
-    assert shipped_space_names() == ["quality", "smoke", "speed"]
+    assert shipped_space_names() == ["gpu", "quality", "smoke", "speed"]
     assert resolve_space_path("smoke") == ROOT / "search_spaces" / "smoke.yaml"
     assert SearchSpace.load("smoke") == SearchSpace.load(ROOT / "search_spaces" / "smoke.yaml").model_copy(
         update={"source": str(ROOT / "search_spaces" / "smoke.yaml")})
     with pytest.raises(ConfigError, match=r"^fast: no such search space file, and not a shipped space name "
-                                          r"\(shipped: quality, smoke, speed\)$"):
+                                          r"\(shipped: gpu, quality, smoke, speed\)$"):
         resolve_space_path("fast")
 
 
