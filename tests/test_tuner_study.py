@@ -250,3 +250,60 @@ def test_status_json_is_the_summary_tuner_run_returned(fault_study, capsys, monk
     assert printed == returned
     assert printed["n_trials"] == 6 and printed["states"] == {"COMPLETE": 3, "FAIL": 2, "PRUNED": 1}
 
+
+
+def test_a_second_driver_on_one_sqlite_study_refuses_at_once_and_changes_nothing(tiny_space, tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    from tuner.cli import main
+    from tuner.study import driver_lock
+
+    monkeypatch.chdir(tmp_path)
+    path = tiny_space(tmp_path, "busy")
+    url = f"sqlite:///{tmp_path}/studies/busy.db"
+    (tmp_path / "studies").mkdir()
+    optuna.create_study(study_name="other", storage=url)  # the file exists, as while a first driver runs
+    before = hashlib.sha256((tmp_path / "studies" / "busy.db").read_bytes()).hexdigest()
+    with driver_lock("sqlite:///studies/busy.db", "busy"):  # the first driver holds the study
+        assert main(["run", str(path), "--confirm-rounds", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: sqlite:///studies/busy.db: study 'busy' is being run by another "
+                                               f"tuner (pid {os.getpid()}); a SQLite file takes one driver")
+    assert "journal:///studies/busy.log" in err[0]
+    assert hashlib.sha256((tmp_path / "studies" / "busy.db").read_bytes()).hexdigest() == before
+
+
+def test_a_live_drivers_running_trial_is_not_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from tuner.study import driver_id, recover_interrupted
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db", directions=["maximize", "maximize"])
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = driver_id().rpartition(":")[0]
+        for owner in (f"{host}:{alive.pid}", "another-host:1", None):
+            trial = study.ask()
+            if owner:
+                trial.set_user_attr("driver", owner)
+        assert recover_interrupted(study) == [2]  # only the trial with no recorded driver
+        alive.kill()
+        alive.wait()
+        assert recover_interrupted(study) == [0]  # its driver is gone now; the other host's stays
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_a_study_runs_on_a_journal_file(ray_session, tiny_space, tmp_path, monkeypatch, capsys):
+    from tuner import run
+    from tuner.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = tiny_space(tmp_path, "journal", constraints={"knn_noise_seeds": 1}, budget={"n_trials": 2})
+    summary = run(path, storage="journal:///studies/journal.log", progress=None, confirm_rounds=0)
+    assert summary.states == {"COMPLETE": 2}
+    assert (tmp_path / "studies" / "journal.log").stat().st_size > 0 and not (tmp_path / "studies" / "journal.db").exists()
+    assert main(["status", "journal:///studies/journal.log"]) == 0
+    assert "trials: 2 COMPLETE" in capsys.readouterr().out

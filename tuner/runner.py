@@ -15,7 +15,7 @@ from trainer.config import ConfigError
 from tuner.pruning import PruningBridge, PruningScheduler
 from tuner.searcher import StudySearcher, update_baseline_stats
 from tuner.space import SearchSpace
-from tuner.study import check_storage_url, counted_trials, open_study, recover_interrupted
+from tuner.study import check_storage_url, counted_trials, driver_lock, open_study, recover_interrupted
 from tuner.summary import StudySummary, summarize
 from tuner.trial import run_trial
 
@@ -43,7 +43,12 @@ def run(space: SearchSpace | str | Path, n_trials: int | None = None, timeout_s:
     n_trials = n_trials if n_trials is not None else space.budget.n_trials
     timeout_s = timeout_s if timeout_s is not None else space.budget.timeout_s
     say = progress or (lambda line: None)
+    with driver_lock(url, space.name):  # one driver per SQLite study: a second refuses before touching it
+        return _drive(space, url, n_trials, timeout_s, address, say, confirm_rounds)
 
+
+def _drive(space: SearchSpace, url: str, n_trials: int | None, timeout_s: float | None, address: str | None,
+           say: Callable[[str], None], confirm_rounds: int) -> StudySummary:
     study = open_study(space, url)
     rerun = recover_interrupted(study)
     if rerun:

@@ -27,7 +27,7 @@ from ray.tune.search import Searcher
 from trainer.config import ConfigError, TrainConfig, apply_overrides
 from tuner.pruning import PruningBridge
 from tuner.space import ENV_PREFIX, SearchSpace
-from tuner.study import BASELINE_ROLES, baseline_params, baseline_trials, counted_trials, requeue
+from tuner.study import BASELINE_ROLES, baseline_params, baseline_trials, counted_trials, driver_id, requeue
 from tuner.trial import SUMMARY_FIELDS
 
 
@@ -119,6 +119,7 @@ class StudySearcher(Searcher):
                 self._tell_fail(trial, "invalid_config", str(exc).replace("trial config: ", ""))
                 continue
             trial.set_user_attr("role", role)
+            trial.set_user_attr("driver", driver_id())  # whose trial it is, when several drivers share a study
             trial.set_user_attr("config", config.to_dict())
             env = {k[len(ENV_PREFIX):]: v for k, v in params.items() if k.startswith(ENV_PREFIX)}
             self.live[trial_id] = Live(trial, role, time.monotonic(), {"speed": {}, "quality": {}})

@@ -11,6 +11,8 @@ search-space fingerprint, the hardware, the baseline's numbers and the kNN noise
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import platform
 import warnings
@@ -27,12 +29,21 @@ OBJECTIVES = ("throughput_img_s", "knn_top1")
 BASELINE_ROLES = ("baseline", "baseline_noise")
 
 
+#: Optuna's JournalStorage on a file: several drivers on one machine or a shared filesystem.
+JOURNAL = "journal:///"
+
+
 def check_storage_url(url: str, source: str = "--storage") -> None:
-    """A one-line `ConfigError` unless `url` is a database URL SQLAlchemy knows (checked before any connection)."""
+    """A one-line `ConfigError` unless `url` is a database URL SQLAlchemy knows, or `journal:///FILE`
+    (checked before any connection)."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-    example = "e.g. sqlite:///studies/speed.db or postgresql://user:password@host/db"
+    example = "e.g. sqlite:///studies/speed.db, journal:///studies/speed.log or postgresql://user:password@host/db"
+    if url.startswith(JOURNAL):
+        if not url[len(JOURNAL):].strip():
+            raise ConfigError(f"{source} {url!r}: a journal URL names a file, e.g. journal:///studies/speed.log")
+        return
     try:
         make_url(url).get_dialect()
     except NoSuchModuleError:  # a subclass of ArgumentError: first
@@ -41,8 +52,14 @@ def check_storage_url(url: str, source: str = "--storage") -> None:
         raise ConfigError(f"{source} {url!r}: not a database URL ({example})") from None
 
 
-def storage_for(url: str) -> optuna.storages.RDBStorage:
-    """An RDB storage for `url`; a relative SQLite path gets its folder created."""
+def storage_for(url: str) -> optuna.storages.BaseStorage:
+    """The Optuna storage for `url`: a journal file, or an RDB storage (a relative SQLite path gets its folder created)."""
+    if url.startswith(JOURNAL):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url[len(JOURNAL):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
         if str(path) not in ("", ":memory:"):
@@ -52,9 +69,45 @@ def storage_for(url: str) -> optuna.storages.RDBStorage:
 
 def study_exists(url: str, name: str) -> bool:
     """Whether `url` holds a study called `name` (reads only; never creates a database file)."""
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
-        return False
+    for prefix in ("sqlite:///", JOURNAL):
+        if url.startswith(prefix) and not Path(url[len(prefix):]).exists():
+            return False
     return any(s.study_name == name for s in optuna.get_all_study_summaries(storage_for(url)))
+
+
+@contextlib.contextmanager
+def driver_lock(url: str, name: str):
+    """Hold the one-driver lock of a SQLite study while `tuner run` drives it.
+
+    Two drivers on one SQLite file are not safe: each recovers the other's running trials as
+    interrupted, and both enqueue and sample. The second therefore refuses at once, with one line. The
+    lock is an advisory `flock` on a file beside the database, released by the kernel however the
+    driver ends, so a killed driver never leaves a stale lock. Journal files and server databases are
+    made for several drivers and take no lock.
+    """
+    db = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+    if not db or db == ":memory:":
+        yield
+        return
+    path = Path(f"{db}.{name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(
+            f"{url}: study {name!r} is being run by another tuner (pid {pid}); a SQLite file takes one driver: wait for "
+            f"it, or run several drivers on a journal file (--storage journal:///studies/{name}.log) or a server "
+            f"database (--storage postgresql://...)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def open_study(space: SearchSpace, url: str) -> optuna.Study:
@@ -114,10 +167,38 @@ def enqueue_baseline(study: optuna.Study, space: SearchSpace) -> None:
         study.enqueue_trial(params, user_attrs={"role": role, "seed": seed + i})
 
 
+def driver_id() -> str:
+    """This driver process, as stored on the trials it runs: `host:pid`."""
+    return f"{platform.node()}:{os.getpid()}"
+
+
+def _driver_gone(trial: FrozenTrial) -> bool:
+    """Whether the driver that started `trial` is this process or a dead process on this host. A live
+    driver's trials (several drivers on one journal file or server database) are never taken over, and
+    neither are another host's, whose drivers this one cannot see."""
+    owner = trial.user_attrs.get("driver")
+    if not owner:
+        return True  # written by a version that did not record its driver
+    host, _, pid = owner.rpartition(":")
+    if owner == driver_id():
+        return True
+    if host != platform.node() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def recover_interrupted(study: optuna.Study) -> list[int]:
-    """Mark trials left RUNNING by a crashed driver FAIL ("interrupted") and enqueue their configs again."""
+    """Mark trials left RUNNING by a driver that is gone FAIL ("interrupted") and enqueue their configs again."""
     numbers = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not _driver_gone(t):
+            continue
         study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted")
         study.tell(t.number, state=TrialState.FAIL)
         requeue(study, t)
@@ -178,8 +259,9 @@ def resolve_study(study: str, study_name: str | None = None) -> tuple[str, str]:
             raise ConfigError(f"no study database studies/{study}.db (give a study name or a storage URL)")
         return url, study_name or study
     check_storage_url(study, "STUDY")
-    if study.startswith("sqlite:///") and not Path(study[len("sqlite:///"):]).exists():
-        raise ConfigError(f"{study}: no such database file")
+    for prefix in ("sqlite:///", JOURNAL):
+        if study.startswith(prefix) and not Path(study[len(prefix):]).exists():
+            raise ConfigError(f"{study}: no such {'database' if prefix.startswith('sqlite') else 'journal'} file")
     names = [s.study_name for s in optuna.get_all_study_summaries(storage_for(study))]
     if study_name:
         if study_name not in names:
