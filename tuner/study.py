@@ -15,11 +15,13 @@ import contextlib
 import fcntl
 import os
 import platform
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
 from trainer.config import ConfigError
@@ -64,7 +66,19 @@ def storage_for(url: str) -> optuna.storages.BaseStorage:
         path = Path(url[len("sqlite:///"):])
         if str(path) not in ("", ":memory:"):
             path.parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None)
+    kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            # Two processes opened a new database at once (a driver starting while `tuner status` or a
+            # second driver looks): both create Optuna's tables and stamp its schema version, and one
+            # loses ("table already exists", a UNIQUE constraint). The winner's schema is complete a
+            # moment later; opening again finds it.
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def study_exists(url: str, name: str) -> bool:
