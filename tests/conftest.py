@@ -110,7 +110,7 @@ class StoredStudy:
 
     def add(self, role: str = "search", config: dict | None = None, params: dict | None = None,
             throughput: float | None = None, knn: float | None = None, fail_reason: str | None = None,
-            pruned: str | None = None) -> int:
+            pruned: str | None = None, attrs: dict | None = None) -> int:
         """One finished trial: COMPLETE with (throughput, kNN), FAIL with `fail_reason`, or PRUNED with reason `pruned`."""
         from optuna.trial import TrialState
 
@@ -121,6 +121,8 @@ class StoredStudy:
         for key, value in (params or {}).items():
             trial.suggest_categorical(key, self.choices.get(key, [value]))
         trial.set_user_attr("role", role)
+        for key, value in (attrs or {}).items():
+            trial.set_user_attr(key, value)
         if config is not None:
             trial.set_user_attr("config", config)
         if fail_reason is not None:

@@ -76,3 +76,21 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     train(tiny_config(budget__steps=1, eval__at_start=False), out_dir=tmp_path)
     with pytest.raises(ConfigError, match="different config"):
         train(tiny_config(budget__steps=2, eval__at_start=False), out_dir=tmp_path, resume=True)
+
+
+def test_segments_of_one_run_stopped_at_steps_and_resumed_repeat_it_exactly(tmp_path, uninterrupted_losses):
+    """`budget.stop_at_step` ends a run early with the full run's schedules; resuming with a later stop
+    continues it (what the tuner's promotion rungs do), and the last segment equals the whole run."""
+    expected, full_summary = uninterrupted_losses
+    seen = []
+    first = train(_config().with_overrides({"budget.stop_at_step": 3}), out_dir=tmp_path,
+                  callback=lambda event, payload: seen.append(payload) if event == "build" else None)
+    assert seen[0]["total_steps"] == 3 and seen[0]["schedule_steps"] == STEPS
+    assert first.status == "ok" and first.summary["steps"] == 3 and first.losses == expected[:3]
+    assert first.summary["stopped_early"] is False and first.summary["knn_top1"] is not None
+    second = train(_config().with_overrides({"budget.stop_at_step": 6}), out_dir=tmp_path, resume=True)
+    assert second.summary["steps"] == 6 and second.losses == expected[:6]
+    last = train(_config(), out_dir=tmp_path, resume=True)
+    assert last.losses == expected and last.summary["knn_top1"] == full_summary["knn_top1"]
+    with pytest.raises(Exception, match="only budget.stop_at_step and when to evaluate may differ"):
+        train(_config().with_overrides({"optim.lr": 0.1}), out_dir=tmp_path, resume=True)

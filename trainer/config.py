@@ -198,6 +198,10 @@ class BudgetConfig(_Strict):
     epochs: int = Field(10, ge=1, le=100000, description="Passes over the training images.")
     steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
     time_limit_s: float | None = Field(None, gt=0.0, description="Stop (and evaluate) after this much training time.")
+    stop_at_step: int | None = Field(
+        None, ge=1, description="End this run after this many optimizer steps, as a segment of the full budget: the "
+        "learning-rate, weight-decay, teacher-momentum and temperature schedules still span `steps`/`epochs`, and "
+        "`--resume` with a later stop continues it exactly (the tuner's promotion rungs). null: the full budget.")
 
 
 class EvalConfig(_Strict):

@@ -211,7 +211,8 @@ class Run:
             raise ConfigError(
                 f"optim.batch_size={o.batch_size} x accumulation_steps={o.accumulation_steps} x {world} process(es) "
                 f"is larger than the {len(self.splits.train)} training images")
-        self.total_steps = cfg.budget.steps or cfg.budget.epochs * self.steps_per_epoch
+        self.total_steps = cfg.budget.steps or cfg.budget.epochs * self.steps_per_epoch  # the schedules' length
+        self.stop_step = min(self.total_steps, cfg.budget.stop_at_step or self.total_steps)  # where this run ends
         self.images_per_step = o.batch_size * o.accumulation_steps * world
         spe, total = self.steps_per_epoch, self.total_steps
         base_lr = o.lr * self.images_per_step / 256.0
@@ -245,7 +246,8 @@ class Run:
         self.build_s = time.perf_counter() - t0
         n_params = sum(p.numel() for p in self.student.parameters()) / 1e6
         self.emit("build", {"build_s": self.build_s, "device": str(self.device), "images_per_step": self.images_per_step,
-                            "params_m": round(n_params, 3), "steps_per_epoch": spe, "total_steps": total,
+                            "params_m": round(n_params, 3), "steps_per_epoch": spe, "total_steps": self.stop_step,
+                            "schedule_steps": total,
                             "init": self.init_loaded})
 
     # ---- one optimizer step -------------------------------------------------------------------
@@ -440,8 +442,9 @@ class Run:
         if path is None or not path.is_file():
             raise ConfigError(f"--resume: no checkpoint at {path}")
         state = torch.load(path, map_location=self.device, weights_only=False)
-        if state["config"] != self.cfg.to_dict():
-            raise ConfigError(f"--resume: {path} was written by a different config; resume with the same config")
+        if _segment_free(state["config"]) != _segment_free(self.cfg.to_dict()):
+            raise ConfigError(f"--resume: {path} was written by a different config; resume with the same config "
+                              "(only budget.stop_at_step and when to evaluate may differ)")
         self.student.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -450,6 +453,14 @@ class Run:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.losses, self.evals = state["step"], state["losses"], state["evals"]
         return state
+
+
+def _segment_free(config: dict[str, Any]) -> dict[str, Any]:
+    """A config without what may differ between the segments of one run: where it stops, and when it
+    evaluates (evaluation does not touch the training state)."""
+    drop = {"budget": ("stop_at_step",), "eval": ("every_steps", "every_epochs")}
+    return {**config, **{section: {k: v for k, v in config.get(section, {}).items() if k not in keys}
+                         for section, keys in drop.items()}}
 
 
 @torch.no_grad()
@@ -532,7 +543,7 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
         return {"knn_initial": knn_initial, "speed": speed.as_dict() if speed else None, "train_s": train_time}
 
     stop_reason = None
-    while run.step < run.total_steps and not run.stop_requested:
+    while run.step < run.stop_step and not run.stop_requested:
         epoch, start = divmod(run.step, run.steps_per_epoch)
         run.sampler.epoch, run.sampler.start = epoch, start * cfg.optim.accumulation_steps
         batches = iter(run.loader)
@@ -542,7 +553,7 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
                 clock.before_step(run.step)
             else:
                 run.timer.enabled = False
-            run.dino_loss.track_entropy = (run.step + 1) % log_every == 0 or run.step + 1 == run.total_steps
+            run.dino_loss.track_entropy = (run.step + 1) % log_every == 0 or run.step + 1 == run.stop_step
             t0 = time.perf_counter()
             loss = run.train_step(batches)
             dt = time.perf_counter() - t0
@@ -558,7 +569,7 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
                 if clock.done:
                     speed = _speed_report(run, clock, first_step_s)
                     run.emit("speed", speed.as_dict())
-            if run.step % log_every == 0 or run.step == run.total_steps:
+            if run.step % log_every == 0 or run.step == run.stop_step:
                 now = time.perf_counter()
                 run.emit("log", {"step": run.step, "epoch": run.step / run.steps_per_epoch, "loss": loss,
                                  "lr": float(run.lr[run.step - 1]), "total_steps": run.total_steps,
@@ -570,7 +581,7 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
                 run.stop_requested = True
             if cfg.budget.time_limit_s and train_time >= cfg.budget.time_limit_s:
                 stop_reason = "time_limit"
-            if run.stop_requested or stop_reason or run.step >= run.total_steps:
+            if run.stop_requested or stop_reason or run.step >= run.stop_step:
                 break
             t_aside = time.perf_counter()
             if cfg.eval.every_steps and run.step % cfg.eval.every_steps == 0:
@@ -581,7 +592,7 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
             clock.pause(time.perf_counter() - t_aside)
         else:  # the epoch ran to its end
             t_aside = time.perf_counter()
-            if cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0 and run.step < run.total_steps:
+            if cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0 and run.step < run.stop_step:
                 run.evaluate()
                 t_log = time.perf_counter()
             if not cfg.checkpoint_every_steps:

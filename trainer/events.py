@@ -4,7 +4,8 @@
 the tuner can store them and the CLI can print them). The events, in order:
 
 - ``"build"``: ``{"build_s", "device", "images_per_step", "params_m", "steps_per_epoch", "total_steps",
-  "init"}`` once the model and data exist (`init`: what `model.init` loaded, or None).
+  "schedule_steps", "init"}`` once the model and data exist (`total_steps`: where this run ends, which
+  `budget.stop_at_step` may put before the schedules' end `schedule_steps`; `init`: what `model.init` loaded).
 - ``"window"``: one timed window of the speed phase: ``{"step", "window", "throughput_img_s"}``.
 - ``"speed"``: the speed phase's measurement (see `SpeedReport`), after its last window.
 - ``"log"``: ``{"step", "epoch", "loss", "lr", "teacher_momentum", "throughput_img_s", "teacher_entropy",

@@ -106,6 +106,7 @@ NOT_KNOBS: dict[str, str] = {
     "system.seed": "a replicate, not a knob (the study runs seeds itself)",
     "system.compile_fallback": "what to do when compiling fails, not how fast a run is",
     "budget.time_limit_s": "a wall-clock limit",
+    "budget.stop_at_step": "where a run segment ends (set by the study's trial budget and promotion rungs)",
     "eval.knn_k": "the evaluation's definition",
     "eval.knn_temperature": "the evaluation's definition",
     "eval.every_epochs": "when to evaluate",

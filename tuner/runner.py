@@ -12,6 +12,7 @@ import ray
 from ray import tune
 
 from trainer.config import ConfigError
+from tuner.promotion import promote
 from tuner.pruning import PruningBridge, PruningScheduler
 from tuner.searcher import StudySearcher, update_baseline_stats
 from tuner.space import SearchSpace
@@ -58,8 +59,18 @@ def _drive(space: SearchSpace, url: str, n_trials: int | None, timeout_s: float 
     done = len(counted_trials(study))
     if n_trials is not None and done >= n_trials:
         say(f"study {space.name} already has {done} of {n_trials} trials; raise --n-trials to continue")
-        return summarize(study, url)
+    else:
+        _search(space, study, bridge, url, n_trials, timeout_s, address, say, done)
+    if space.trial.rungs:
+        promote(study, space, say)
+    if confirm_rounds > 0:
+        confirm_winner(study, confirm_rounds, say)
+    return summarize(study, url)
 
+
+def _search(space: SearchSpace, study, bridge: PruningBridge, url: str, n_trials: int | None, timeout_s: float | None,
+            address: str | None, say: Callable[[str], None], done: int) -> None:
+    """The search itself: trials through Ray Tune until the study's budget is spent."""
     started_ray = _init_ray(address or space.ray.address)
     try:
         resources, concurrency = _resources(space)
@@ -83,9 +94,6 @@ def _drive(space: SearchSpace, url: str, n_trials: int | None, timeout_s: float 
             say(f"trials {left} did not finish: queued to run again next time")
         if started_ray:
             ray.shutdown()
-    if confirm_rounds > 0:
-        confirm_winner(study, confirm_rounds, say)
-    return summarize(study, url)
 
 
 def confirm_winner(study, rounds: int, say: Callable[[str], None]) -> None:

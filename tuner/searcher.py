@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from trainer.config import ConfigError, TrainConfig, apply_overrides
+from tuner.promotion import tidy_checkpoints, trial_dir
 from tuner.pruning import PruningBridge
 from tuner.space import ENV_PREFIX, SearchSpace
 from tuner.study import BASELINE_ROLES, baseline_params, baseline_trials, counted_trials, driver_id, requeue
@@ -125,7 +126,8 @@ class StudySearcher(Searcher):
             self.live[trial_id] = Live(trial, role, time.monotonic(), {"speed": {}, "quality": {}})
             if role in BASELINE_ROLES:
                 self.bridge.exempt.add(trial_id)  # the baseline is the reference; it is never pruned
-            return {"number": trial.number, "role": role, "config": config.to_dict(), "env": env,
+            out_dir = str(trial_dir(self.study.study_name, trial.number)) if self.space.trial.rungs else None
+            return {"number": trial.number, "role": role, "config": config.to_dict(), "env": env, "out_dir": out_dir,
                     "trial_overrides": self.space.trial.overrides(),
                     "cpus": self.space.ray.torch_threads or self.cpus,
                     "timeout_s": trial_timeout_s(self.study, self.space)}
@@ -185,6 +187,8 @@ class StudySearcher(Searcher):
             requeue(self.study, trial)
         if live.role in BASELINE_ROLES:
             update_baseline_stats(self.study, self.space)
+        if self.space.trial.rungs:
+            tidy_checkpoints(self.study)  # only trials that can still be promoted keep theirs
         self.progress(progress_line(self.study, trial.number, self.n_trials))
         if live.role == "baseline" and self.study.user_attrs.get("baseline_time_s"):
             self.progress(self._time_estimate())

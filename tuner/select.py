@@ -18,15 +18,24 @@ def is_feasible(t: FrozenTrial) -> bool:
 
 
 def feasible_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Feasible trials in trial order; the baseline's noise replicates (its config at other seeds) are not
-    candidates: they measure noise, and the baseline itself (trial 0) stands for that configuration."""
+    """Feasible trials in trial order. Not candidates: the baseline's noise replicates (its config at
+    other seeds: they measure noise, and trial 0 stands for that configuration), the records of
+    promotion rungs (they stand for their parent trial), and trials a rung pruned (their kNN fell
+    below the baseline's at a longer budget)."""
+    from tuner.promotion import pruned_at_rung
+
+    pruned = pruned_at_rung(study)
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if is_feasible(t) and t.user_attrs.get("role") != "baseline_noise"]
+            if is_feasible(t) and t.user_attrs.get("role") not in ("baseline_noise", "rung") and t.number not in pruned]
 
 
 def pareto_set(study: optuna.Study) -> list[FrozenTrial]:
     """Feasible trials no other feasible trial beats on both throughput and kNN, fastest first."""
-    trials = feasible_trials(study)
+    return non_dominated(feasible_trials(study))
+
+
+def non_dominated(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials no other one beats on both throughput and kNN, fastest first."""
     front = [t for t in trials
              if not any(o.values[0] >= t.values[0] and o.values[1] >= t.values[1] and o.values != t.values for o in trials)]
     return sorted(front, key=lambda t: -t.values[0])

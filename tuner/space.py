@@ -187,6 +187,15 @@ class TrialBudget(_Strict):
         4.0, gt=0, description="Once the baseline has run, a trial may take this many times the baseline's trial "
         "time (never less than timeout_s): limits scale with the machine, so a slow one still finishes its trials. "
         "null: timeout_s only.")
+    rungs: list[int] = Field(
+        default_factory=list, description="Promotion rungs: total optimizer steps, increasing, each above `steps`. "
+        "After the search the baseline's seeds and the Pareto candidates continue from their checkpoints to each "
+        "rung, and a candidate whose kNN falls below the baseline's at that rung by more than the tolerance is "
+        "PRUNED there. Trials then train on schedules that span the last rung and stop at `steps`. []: no rungs.")
+    rung_reduction: float = Field(2.0, gt=1.0, description="Successive halving: of the candidates within tolerance "
+                                  "at a rung, the fastest 1/rung_reduction (at least one) go on to the next.")
+    rung_candidates: int | None = Field(None, ge=1, description="At most this many Pareto candidates (the fastest) "
+                                        "enter the first rung; null: all.")
 
     @property
     def speed_steps(self) -> int:
@@ -197,14 +206,24 @@ class TrialBudget(_Strict):
         if self.speed_steps > self.steps:
             raise ValueError(f"warmup_steps + windows * window_steps + profile_steps = {self.speed_steps} "
                              f"must be <= steps ({self.steps})")
+        previous = self.steps
+        for rung in self.rungs:
+            if rung <= previous:
+                raise ValueError(f"rungs {self.rungs}: each rung must be above steps ({self.steps}) and the rung "
+                                 "before it")
+            previous = rung
         return self
 
     def overrides(self) -> dict[str, Any]:
         """The config fields a trial replaces (the full-training budget stays in the exported config)."""
-        return {"measure.warmup_steps": self.warmup_steps, "measure.window_steps": self.window_steps,
-                "measure.windows": self.windows, "measure.profile_steps": self.profile_steps, "budget.steps": self.steps, "budget.time_limit_s": None,
-                "eval.every_steps": self.eval_every_steps, "eval.every_epochs": 0, "eval.at_start": True,
-                "checkpoint_every_steps": 0}
+        out = {"measure.warmup_steps": self.warmup_steps, "measure.window_steps": self.window_steps,
+               "measure.windows": self.windows, "measure.profile_steps": self.profile_steps, "budget.steps": self.steps,
+               "budget.time_limit_s": None, "eval.every_steps": self.eval_every_steps, "eval.every_epochs": 0,
+               "eval.at_start": True, "checkpoint_every_steps": 0}
+        if self.rungs:  # schedules over the last rung; the trial is its first segment, its checkpoint kept
+            out.update({"budget.steps": self.rungs[-1], "budget.stop_at_step": self.steps,
+                        "checkpoint_every_steps": self.rungs[-1]})
+        return out
 
 
 class StudyBudget(_Strict):

@@ -229,7 +229,8 @@ def requeue(study: optuna.Study, trial) -> None:
 def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Finished trials that count towards the budget (an interrupted trial is run again, so it does not)."""
     done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    return [t for t in study.get_trials(deepcopy=False, states=done) if t.user_attrs.get("fail_reason") != "interrupted"]
+    return [t for t in study.get_trials(deepcopy=False, states=done)
+            if t.user_attrs.get("fail_reason") != "interrupted" and t.user_attrs.get("role") != "rung"]
 
 
 def baseline_trials(study: optuna.Study) -> list[FrozenTrial]:

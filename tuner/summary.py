@@ -33,7 +33,10 @@ class TrialRow:
     @classmethod
     def of(cls, t: FrozenTrial) -> "TrialRow":
         u = t.user_attrs
-        return cls(t.number, t.state.name, u.get("role", "search"), u.get("throughput_img_s"), u.get(knn_key(t)),
+        role = u.get("role", "search")
+        if role == "rung":
+            role = f"rung {u['rung'] + 1} of #{u['parent']}"
+        return cls(t.number, t.state.name, role, u.get("throughput_img_s"), u.get(knn_key(t)),
                    u.get("speedup"), is_feasible(t), u.get("knn_within_noise"), u.get("fail_reason"),
                    u.get("pruned_phase"), dict(t.params))
 
@@ -63,6 +66,7 @@ class StudySummary:
     hardware: dict[str, Any] = field(default_factory=dict)
     confirm: dict[str, Any] | None = None
     quality: str | None = None  # the best feasible trial's quality verdict (`tuner.verdicts`)
+    rungs: list[dict[str, Any]] = field(default_factory=list)  # per promotion rung: steps, baseline kNN, outcomes
     measures_nothing: bool = False  # the baseline's kNN did not move: no kNN difference means anything
 
     @property
@@ -95,8 +99,26 @@ def summarize(study: optuna.Study, storage_url: str = "") -> StudySummary:
         knn_noise_points=attrs.get("knn_noise_points"), knn_tolerance_points=attrs.get("knn_tolerance_effective"),
         time_saved_by_pruning_s=sum(t.user_attrs.get("time_saved_s", 0.0) for t in trials if t.state == TrialState.PRUNED),
         warnings=warnings, hardware=attrs.get("hardware", {}), confirm=attrs.get("confirm"),
-        quality=quality, measures_nothing=bool(attrs.get("quality_warning")),
+        quality=quality, measures_nothing=bool(attrs.get("quality_warning")), rungs=rung_summary(study),
     )
+
+
+def rung_summary(study: optuna.Study) -> list[dict[str, Any]]:
+    """Per promotion rung: its steps, the baseline's kNN there, the tolerance, power, and each candidate's outcome."""
+    from tuner.promotion import rung_records
+
+    rungs: dict[int, dict[str, Any]] = {}
+    for parent, records in sorted(rung_records(study).items()):
+        for t in records:
+            u = t.user_attrs
+            r = rungs.setdefault(u["rung"], {"rung": u["rung"] + 1, "steps": u["rung_steps"], "baseline_knn": None,
+                                             "tolerance": None, "calibrated": None, "within": [], "pruned": []})
+            if u.get("baseline_knn_at_rung") is None:
+                continue  # a baseline seed
+            r.update(baseline_knn=u["baseline_knn_at_rung"], tolerance=u.get("tolerance_points"),
+                     calibrated=u.get("calibrated"))
+            r["pruned" if t.state == TrialState.PRUNED else "within"].append(parent)
+    return [rungs[k] for k in sorted(rungs)]
 
 
 def knn_note(row: TrialRow, summary: StudySummary) -> str:
@@ -126,6 +148,13 @@ def format_status(s: StudySummary) -> str:
                    f"kNN {b.knn_top1:.1f}{' (' + note + ')' if note else ''}")
         if s.quality:
             out.append(f"  {s.quality}")
+    for r in s.rungs:
+        if r["baseline_knn"] is None:
+            continue
+        power = "the baseline's kNN moved beyond its noise" if r["calibrated"] else "quality unmeasured at this rung"
+        out.append(f"rung {r['rung']} ({r['steps']} steps): baseline kNN {r['baseline_knn']:.1f}, tolerance "
+                   f"{r['tolerance']:.1f}; within: {', '.join(f'#{n}' for n in r['within']) or 'none'}; PRUNED: "
+                   f"{', '.join(f'#{n}' for n in r['pruned']) or 'none'} ({power})")
     if s.time_saved_by_pruning_s:
         out.append(f"pruning saved about {s.time_saved_by_pruning_s:.0f} s of trial time")
     if s.pareto:

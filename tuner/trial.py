@@ -45,7 +45,8 @@ def run_trial(spec: dict[str, Any]) -> None:
     try:
         config = TrainConfig.from_dict(spec["config"], source=f"trial {spec['number']}")
         config = config.with_overrides(spec["trial_overrides"], source=f"trial {spec['number']}")
-        result = train(config, callback=reporter)
+        # with promotion rungs the trial keeps its checkpoint there: a promoted trial continues from it
+        result = train(config, callback=reporter, out_dir=spec.get("out_dir"))
     except ConfigError as exc:
         tune.report({"phase": "failed", "fail_reason": "invalid_config", "fail_message": str(exc)})
         return

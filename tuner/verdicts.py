@@ -22,7 +22,8 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.knobs import METHOD, differences, knob_class
 
 #: Fields that say how a trial is measured or seeded, not how it trains.
-IGNORED_PREFIXES = ("system.seed", "measure.", "eval.", "checkpoint_every_steps", "budget.time_limit_s")
+IGNORED_PREFIXES = ("system.seed", "measure.", "eval.", "checkpoint_every_steps", "budget.time_limit_s",
+                    "budget.stop_at_step")
 
 
 @dataclass
@@ -37,6 +38,8 @@ class QualityVerdict:
     knn_calibrated: bool = False  # the baseline's kNN moved beyond its noise within the trial's budget
     knn_delta_points: float | None = None
     knn_tolerance_points: float | None = None
+    knn_steps: int | None = None  # the promotion rung the kNN verdict comes from (None: the trial's own budget)
+    knn_lost_at_rung: bool = False  # a rung pruned the trial
 
     @property
     def text(self) -> str:
@@ -56,11 +59,16 @@ class QualityVerdict:
                                  "run tuner confirm for the combination)")
         if self.method_changes:
             changes = ", ".join(self.method_changes)
-            if not self.knn_calibrated or self.knn_delta_points is None:
-                parts.append(f"unmeasured at this budget (method changes: {changes})")
-            elif self.knn_delta_points >= -(self.knn_tolerance_points or 0.0):
-                parts.append(f"kNN within tolerance for method changes ({changes}: {self.knn_delta_points:+.1f} points, "
-                             f"tolerance {self.knn_tolerance_points:.1f})")
+            at = f" at {self.knn_steps} steps" if self.knn_steps else ""
+            lost = self.knn_delta_points is not None and self.knn_delta_points < -(self.knn_tolerance_points or 0.0)
+            if self.knn_lost_at_rung and lost:
+                parts.append(f"kNN LOST{at} by method changes ({changes}: {self.knn_delta_points:+.1f} points, beyond "
+                             f"the tolerance {self.knn_tolerance_points:.1f}; pruned at that rung)")
+            elif not self.knn_calibrated or self.knn_delta_points is None:
+                parts.append(f"unmeasured {at.strip() or 'at this budget'} (method changes: {changes})")
+            elif not lost:
+                parts.append(f"kNN within tolerance{at} for method changes ({changes}: {self.knn_delta_points:+.1f} "
+                             f"points, tolerance {self.knn_tolerance_points:.1f})")
             else:
                 parts.append(f"kNN LOST by method changes ({changes}: {self.knn_delta_points:+.1f} points, "
                              f"beyond the tolerance {self.knn_tolerance_points:.1f})")
@@ -88,6 +96,7 @@ def changed_knobs(base: dict[str, Any], other: dict[str, Any]) -> dict[str, str]
 
 def verdict(study: optuna.Study, trial: FrozenTrial) -> QualityVerdict:
     """The quality verdict of `trial` against the study's baseline, from what the study stores."""
+    from tuner.promotion import rung_records
     from tuner.select import baseline_trial
 
     base = baseline_trial(study)
@@ -100,6 +109,14 @@ def verdict(study: optuna.Study, trial: FrozenTrial) -> QualityVerdict:
     result.knn_calibrated = bool((attrs.get("knn_power") or {}).get("calibrated"))
     result.knn_delta_points = trial.user_attrs.get("knn_delta_points")
     result.knn_tolerance_points = attrs.get("knn_tolerance_effective")
+    records = rung_records(study).get(trial.number)
+    if records:  # the longest budget it reached decides
+        last = records[-1].user_attrs
+        result.knn_steps = last.get("rung_steps")
+        result.knn_calibrated = bool(last.get("calibrated"))
+        result.knn_delta_points = last.get("knn_delta_points")
+        result.knn_tolerance_points = last.get("tolerance_points")
+        result.knn_lost_at_rung = records[-1].state == optuna.trial.TrialState.PRUNED
     result.system_changes = [k for k, c in changes.items() if c != METHOD]
     for knob, record in (study.user_attrs.get("parity") or {}).items():
         if not set(knob.split(", ")) & set(result.system_changes):

@@ -1,0 +1,124 @@
+"""Promotion rungs: the baseline's seeds and the Pareto candidates continue from their checkpoints to
+longer budgets; each rung is judged against the baseline at that rung, stored, and prunes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from trainer.config import TrainConfig
+from tuner.space import SearchSpace
+
+
+def _space(tmp_path, tiny_space, **trial):
+    path = tiny_space(tmp_path, "rungs", constraints={"knn_noise_seeds": 2, "knn_tolerance_points": 1.0},
+                      trial={"rungs": [12, 16], **trial})
+    return SearchSpace.load(path)
+
+
+def test_rungs_are_stored_judged_against_the_baseline_at_the_same_rung_and_halved(tmp_path, tiny_space, stored_study,
+                                                                                  monkeypatch):
+    from tuner.promotion import promote, rung_records, trial_dir
+    from tuner.select import best_feasible
+    from tuner.study import counted_trials
+    from tuner.verdicts import verdict
+
+    monkeypatch.chdir(tmp_path)
+    space = _space(tmp_path, tiny_space)
+    config = space.base_config()
+    s = stored_study("rungs", knn_tolerance=1.0)
+    started = {"knn_top1_initial": 20.0}
+    base = s.add("baseline", config.to_dict(), throughput=10.0, knn=20.5, attrs=started)
+    noise = s.add("baseline_noise", config.with_overrides({"system.seed": 1}).to_dict(), throughput=10.2, knn=20.4,
+                  attrs=started)
+    fast = s.add("search", config.with_overrides({"crops.local_crops": 0}).to_dict(), throughput=30.0, knn=20.0)
+    middle = s.add("search", config.with_overrides({"model.head.out_dim": 32}).to_dict(), throughput=20.0, knn=20.2)
+    slow = s.add("search", config.with_overrides({"model.head.out_dim": 48}).to_dict(), throughput=15.0, knn=20.4)
+    study = s.study
+    study.set_user_attr("trial_overrides", space.trial.overrides())
+    for number in (base, noise, fast, middle, slow):
+        trial_dir("rungs", number).mkdir(parents=True)
+        (trial_dir("rungs", number) / "checkpoint.pt").write_bytes(b"stand-in")
+    # kNN each trial reaches at each rung (the baseline rises beyond its seeds' spread at both)
+    knn_at = {12: {base: 30.0, noise: 31.0, fast: 25.0, middle: 30.2, slow: 30.4},
+              16: {base: 35.0, noise: 36.0, middle: 33.0}}
+    calls = []
+
+    def continue_run(cfg: TrainConfig, folder: Path) -> dict:
+        steps = cfg.budget.stop_at_step
+        calls.append((int(folder.name), steps))
+        return {"status": "ok", "knn_top1": knn_at[steps][int(folder.name)], "student_knn_top1": 1.0, "train_s": 1.0}
+
+    lines: list[str] = []
+    promote(study, space, lines.append, continue_run=continue_run)
+    records = rung_records(study)
+    state = {parent: [(t.user_attrs["rung"], t.state) for t in rs] for parent, rs in records.items()}
+    assert state[fast] == [(0, TrialState.PRUNED)]  # 25.0 against the baseline's 30.5, tolerance 1.0
+    assert state[middle] == [(0, TrialState.COMPLETE), (1, TrialState.PRUNED)]  # the fastest survivor of two goes on
+    assert state[slow] == [(0, TrialState.COMPLETE)]  # halved out after rung 1
+    assert state[base] == state[noise] == [(0, TrialState.COMPLETE), (1, TrialState.COMPLETE)]
+    pruned = records[middle][1].user_attrs
+    assert pruned["pruned_phase"] == "rung" and pruned["pruned_rung"] == 1 and pruned["rung_steps"] == 16
+    assert pruned["baseline_knn_at_rung"] == pytest.approx(35.5) and pruned["knn_delta_points"] == pytest.approx(-2.5)
+    assert records[slow][0].values == [15.0, 30.4] and records[slow][0].intermediate_values == {12: 30.4}
+    # the rung records are not trials of the search's budget, and trials pruned at a rung are not feasible
+    assert len(counted_trials(study)) == 5
+    assert best_feasible(study).number == slow
+    assert "kNN within tolerance at 12 steps" in verdict(study, study.trials[slow]).text
+    assert "kNN LOST at 16 steps" in verdict(study, study.trials[middle]).text
+    assert any(line.startswith("rung 2 (16 steps): baseline kNN 35.5") for line in lines)
+    from tuner.summary import format_status, summarize
+
+    status = format_status(summarize(study))
+    assert f"rung 1 (12 steps): baseline kNN 30.5, tolerance 1.0; within: #{middle}, #{slow}; PRUNED: #{fast}" in status
+    assert f"rung 2 (16 steps): baseline kNN 35.5, tolerance 1.0; within: none; PRUNED: #{middle}" in status
+    assert f"rung 2 of #{middle}" in status
+    # run again: every rung is stored already, nothing is measured twice
+    before = len(calls)
+    promote(study, space, lambda _: None, continue_run=continue_run)
+    assert len(calls) == before == 8 and len(study.trials) == 5 + 8  # rung 1: all five; rung 2: two seeds and one
+
+
+def test_rungs_in_a_space_must_rise_above_the_trial_budget(tmp_path, tiny_space):
+    from trainer.config import ConfigError
+
+    for rungs in ([8], [12, 10]):
+        path = tiny_space(tmp_path, "bad", trial={"steps": 8, "rungs": rungs})
+        with pytest.raises(ConfigError, match=r"bad.yaml: trial: rungs \[[0-9, ]+\]: each rung must be above steps \(8\)"):
+            SearchSpace.load(path)
+
+
+def test_a_study_with_rungs_continues_its_candidates_from_their_checkpoints(ray_session, tiny_space, tmp_path,
+                                                                             monkeypatch):
+    """Real trials, real continuation: trials stop at trial.steps on schedules that span the last rung;
+    after the search, the baseline seeds and the candidates resume from their own checkpoints."""
+    import json
+
+    from tuner import run
+    from tuner.promotion import rung_records, trial_dir
+
+    monkeypatch.chdir(tmp_path)
+    path = tiny_space(tmp_path, "promoted", params={"crops.local_crops": {"choices": [0]}},
+                      constraints={"knn_noise_seeds": 2, "knn_tolerance_points": 100.0}, budget={"n_trials": 3},
+                      trial={"rungs": [12]})
+    lines: list[str] = []
+    run(path, progress=lines.append, confirm_rounds=0)
+    study = optuna.load_study(study_name="promoted", storage=f"sqlite:///{tmp_path}/studies/promoted.db")
+    records = rung_records(study)
+    assert sorted(records) == [0, 1, 2]  # both baseline seeds and the one search trial
+    for parent, (record,) in records.items():
+        assert record.state == TrialState.COMPLETE and record.user_attrs["rung_steps"] == 12
+        folder = trial_dir("promoted", parent)
+        checkpoint = torch.load(folder / "checkpoint.pt", weights_only=False)
+        assert checkpoint["step"] == 12 and checkpoint["config"]["budget"]["steps"] == 12
+        steps = [json.loads(line)["step"] for line in (folder / "log.jsonl").read_text().splitlines()
+                 if json.loads(line).get("loss") is not None]
+        assert steps == sorted(set(steps)) and steps[-1] == 12  # one run continued: no step logged twice
+        assert record.user_attrs["knn_top1"] == pytest.approx(json.loads((folder / "summary.json").read_text())["knn_top1"])
+    first = study.trials[2]
+    assert first.user_attrs["steps"] == 8  # the trial itself stopped at trial.steps
+    assert any(line.startswith("rung 1 (12 steps): baseline kNN") for line in lines)
