@@ -44,8 +44,16 @@ def run(space: SearchSpace | str | Path, n_trials: int | None = None, timeout_s:
     n_trials = n_trials if n_trials is not None else space.budget.n_trials
     timeout_s = timeout_s if timeout_s is not None else space.budget.timeout_s
     say = progress or (lambda line: None)
-    with driver_lock(url, space.name):  # one driver per SQLite study: a second refuses before touching it
-        return _drive(space, url, n_trials, timeout_s, address, say, confirm_rounds)
+    # a cluster address is joined before the study is opened: one that cannot be joined changes nothing
+    where = "--address" if address else f"{space.source}: ray.address"
+    joined = _init_ray(address or space.ray.address, where) if (address or space.ray.address) else False
+    try:
+        _resources(space, _nodes())  # resources no node has are refused before the study is opened
+        with driver_lock(url, space.name):  # one driver per SQLite study: a second refuses before touching it
+            return _drive(space, url, n_trials, timeout_s, address, say, confirm_rounds)
+    finally:
+        if joined:
+            ray.shutdown()
 
 
 def _drive(space: SearchSpace, url: str, n_trials: int | None, timeout_s: float | None, address: str | None,
@@ -73,10 +81,11 @@ def _search(space: SearchSpace, study, bridge: PruningBridge, url: str, n_trials
     """The search itself: trials through Ray Tune until the study's budget is spent."""
     started_ray = _init_ray(address or space.ray.address)
     try:
-        resources, concurrency = _resources(space)
+        resources, concurrency = _resources(space, _nodes())
         say(f"study {space.name}: {done} trials stored, running up to {n_trials or 'unlimited'}"
             f"{f' for at most {timeout_s:.0f} s' if timeout_s else ''}; {resources} per trial, {concurrency} at a time; {url}")
-        searcher = StudySearcher(study, space, bridge, n_trials, resources.get("cpu", 1), progress=say)
+        searcher = StudySearcher(study, space, bridge, n_trials, resources.get("cpu", 1), progress=say,
+                                 show_nodes=len([n for n in ray.nodes() if n.get("Alive")]) > 1)
         ray_dir = Path("studies").resolve() / space.name
         tuner = tune.Tuner(
             tune.with_resources(run_trial, resources),
@@ -129,29 +138,80 @@ def _bridge_with_history(space: SearchSpace, study) -> PruningBridge:
     return bridge
 
 
-def _init_ray(address: str | None) -> bool:
+def _init_ray(address: str | None, where: str = "--address") -> bool:
     """Start or join Ray unless this process already did; True when we must shut it down."""
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-             configure_logging=True)
+    _probe(address, where)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                 configure_logging=True)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        if address is None:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{where} {address}: no Ray cluster could be joined there ({first[:200]})") from None
     return True
 
 
-def _resources(space: SearchSpace) -> tuple[dict[str, float], int]:
-    """One GPU per trial, or all of a node's CPUs when there is no GPU, so measured trials never share a device."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+def _probe(address: str | None, where: str = "--address") -> None:
+    """A one-line `ConfigError` at once when a `HOST:PORT` (or `ray://HOST:PORT`) address does not answer,
+    instead of Ray's minutes of retries; `auto` and local Ray are left to `ray.init`."""
+    import socket
+
+    if not address or address == "auto" or address == "local":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{where} {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ConfigError(f"{where} {address}: no Ray cluster could be joined there ({exc.strerror or exc})") from None
+
+
+def _nodes() -> list[dict[str, float]]:
+    """The resources of each live node of the joined Ray, or of this machine before a local Ray starts."""
+    if ray.is_initialized():
+        return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    import torch
+
+    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+
+
+def _resources(space: SearchSpace, nodes: list[dict[str, float]]) -> tuple[dict[str, float], int]:
+    """What one trial takes, and how many run at once: one trial per GPU on GPU nodes, one per node (all
+    of its CPUs) on CPU nodes, or exactly `ray.resources_per_trial`; as many at once as the cluster has
+    such slots, so two measured trials never share a device (a CPU node's CPUs are one device)."""
     gpus = sum(n.get("GPU", 0) for n in nodes)
     if space.ray.resources_per_trial:
         resources = dict(space.ray.resources_per_trial)
     elif gpus:
         per_node = max((n.get("CPU", 1) / n["GPU"] for n in nodes if n.get("GPU")), default=1)
         resources = {"gpu": 1, "cpu": max(1, int(per_node))}
-    else:
-        resources = {"cpu": max(int(n.get("CPU", 1)) for n in nodes)}
-    concurrency = space.ray.max_concurrent_trials or (int(gpus) if gpus and resources.get("gpu") else 1)
-    return resources, max(1, concurrency)
+    else:  # the largest CPU nodes (all of a homogeneous cluster), one trial each
+        resources = {"cpu": max(int(n.get("CPU", 0)) for n in nodes) or 1}
+    slots = sum(_fits(n, resources) for n in nodes)
+    if slots == 0:
+        names = {"CPU", "GPU"} | {r.upper() if r in ("cpu", "gpu") else r for r in resources}
+        have = "; ".join(sorted(", ".join(f"{k} {v:g}" for k, v in sorted(n.items()) if k in names and v) or "no CPU"
+                                for n in nodes))
+        want = ", ".join(f"{k} {v:g}" for k, v in resources.items())
+        raise ConfigError(f"{space.source}: ray.resources_per_trial ({want}): no node has that "
+                          f"(the nodes have: {have})")
+    return resources, max(1, space.ray.max_concurrent_trials or slots)
+
+
+def _fits(node: dict[str, float], resources: dict[str, float]) -> int:
+    """How many trials taking `resources` fit on a node at once (Ray names CPU and GPU in capitals)."""
+    counts = []
+    for name, amount in resources.items():
+        have = node.get(name.upper() if name in ("cpu", "gpu") else name, 0.0)
+        if amount > 0:
+            counts.append(int(have // amount))
+    return min(counts) if counts else 1
 
 
 class _quiet_ray:

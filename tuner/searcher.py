@@ -88,8 +88,9 @@ class StudySearcher(Searcher):
     """Ask/tell over an Optuna study, for Ray Tune (see the module docstring)."""
 
     def __init__(self, study: optuna.Study, space: SearchSpace, bridge: PruningBridge, n_trials: int | None,
-                 cpus_per_trial: float, progress: Callable[[str], None] | None = None):
+                 cpus_per_trial: float, progress: Callable[[str], None] | None = None, show_nodes: bool = False):
         super().__init__(metric=None, mode=None)
+        self.show_nodes = show_nodes  # a cluster of several nodes: each progress line names the trial's node
         self.study, self.space, self.bridge = study, space, bridge
         self.n_trials, self.cpus = n_trials, cpus_per_trial
         self.progress = progress or (lambda line: None)
@@ -140,6 +141,9 @@ class StudySearcher(Searcher):
         """Store each phase's intermediate value as it arrives (kept even if the driver dies)."""
         live = self.live.get(trial_id)
         phase = result.get("phase")
+        if live is not None and result.get("node_id") and "node_id" not in live.trial.user_attrs:
+            live.trial.set_user_attr("node_id", result["node_id"])  # the Ray node it runs on, as soon as known
+            live.trial.set_user_attr("node_ip", result.get("node_ip"))
         if live is None or phase not in ("speed", "quality"):
             return
         metric = "throughput_img_s" if phase == "speed" else self.space.constraints.knn_metric
@@ -168,6 +172,9 @@ class StudySearcher(Searcher):
         trial.set_user_attr("time_s", float(elapsed))
         if result.get("hardware"):
             trial.set_user_attr("hardware", result["hardware"])
+        for key in ("node_id", "node_ip"):
+            if result.get(key) and key not in trial.user_attrs:
+                trial.set_user_attr(key, result[key])
         phase = result.get("phase")
         if decision is not None:
             _store_intermediate(live, decision.phase, decision.step, decision.value)  # Ray does not pass the last result on
@@ -189,7 +196,7 @@ class StudySearcher(Searcher):
             update_baseline_stats(self.study, self.space)
         if self.space.trial.rungs:
             tidy_checkpoints(self.study)  # only trials that can still be promoted keep theirs
-        self.progress(progress_line(self.study, trial.number, self.n_trials))
+        self.progress(progress_line(self.study, trial.number, self.n_trials, self.show_nodes))
         if live.role == "baseline" and self.study.user_attrs.get("baseline_time_s"):
             self.progress(self._time_estimate())
 
@@ -389,7 +396,7 @@ def _record_failure(trial: optuna.trial.Trial, reason: str, message: str, step: 
         trial.set_user_attr("fail_step", int(step))
 
 
-def progress_line(study: optuna.Study, number: int, n_trials: int | None) -> str:
+def progress_line(study: optuna.Study, number: int, n_trials: int | None, show_node: bool = False) -> str:
     """One line per finished trial: n of N, state, throughput, kNN, speedup, best feasible so far."""
     from tuner.select import best_feasible
 
@@ -408,6 +415,8 @@ def progress_line(study: optuna.Study, number: int, n_trials: int | None) -> str
         parts.append(f"fail: {u['fail_reason']}" + (f" at step {u['fail_step']}" if u.get("fail_step") is not None else ""))
     if u.get("pruned_phase"):
         parts.append(f"pruned in {u['pruned_phase']}: {u.get('prune_reason', '')}")
+    if show_node and u.get("node_id"):
+        parts.append(f"on node {u['node_id'][:8]} ({u.get('node_ip')})")
     best = best_feasible(study)
     if best is not None:
         parts.append(f"| best feasible #{best.number} x{best.user_attrs.get('speedup', float('nan')):.2f}")

@@ -67,6 +67,7 @@ class StudySummary:
     confirm: dict[str, Any] | None = None
     quality: str | None = None  # the best feasible trial's quality verdict (`tuner.verdicts`)
     rungs: list[dict[str, Any]] = field(default_factory=list)  # per promotion rung: steps, baseline kNN, outcomes
+    nodes: dict[str, int] = field(default_factory=dict)  # trials per Ray node ("id (ip)"), where recorded
     measures_nothing: bool = False  # the baseline's kNN did not move: no kNN difference means anything
 
     @property
@@ -100,6 +101,8 @@ def summarize(study: optuna.Study, storage_url: str = "") -> StudySummary:
         time_saved_by_pruning_s=sum(t.user_attrs.get("time_saved_s", 0.0) for t in trials if t.state == TrialState.PRUNED),
         warnings=warnings, hardware=attrs.get("hardware", {}), confirm=attrs.get("confirm"),
         quality=quality, measures_nothing=bool(attrs.get("quality_warning")), rungs=rung_summary(study),
+        nodes=dict(Counter(f"{t.user_attrs['node_id'][:8]} ({t.user_attrs.get('node_ip')})" for t in trials
+                           if t.user_attrs.get("node_id"))),
     )
 
 
@@ -137,6 +140,8 @@ def format_status(s: StudySummary) -> str:
     if s.hardware:
         out.append(f"hardware: {s.hardware.get('device')}, {s.hardware.get('cpu_model')} x{s.hardware.get('cpu_cores')}, "
                    f"torch {s.hardware.get('torch')}, CUDA {s.hardware.get('cuda')}")
+    if len(s.nodes) > 1:
+        out.append("trials per node: " + ", ".join(f"{node} {n}" for node, n in sorted(s.nodes.items())))
     if s.baseline:
         noise = f"{s.knn_noise_points:.2f}" if s.knn_noise_points is not None else "not measured"
         out.append(f"baseline: trial {s.baseline.number}, {s.baseline.throughput_img_s:.1f} img/s, kNN {s.baseline.knn_top1:.1f} "

@@ -27,6 +27,7 @@ SUMMARY_FIELDS = ("throughput_img_s", "throughput_spread", "knn_top1", "knn_top5
 
 def run_trial(spec: dict[str, Any]) -> None:
     """Ray Tune trainable: `spec` is what the searcher suggested (config, trial overrides, env, cpus, timeout)."""
+    import ray
     from ray import tune
 
     import torch
@@ -41,24 +42,26 @@ def run_trial(spec: dict[str, Any]) -> None:
     watchdog = threading.Timer(timeout_s + max(30.0, 0.2 * timeout_s), lambda: os._exit(124))
     watchdog.daemon = True
     watchdog.start()
-    reporter = _PhaseReporter(tune.report, timeout_s)
+    node = {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+    report = lambda result: tune.report({**result, **node})  # noqa: E731  (every result names its Ray node)
+    reporter = _PhaseReporter(report, timeout_s)
     try:
         config = TrainConfig.from_dict(spec["config"], source=f"trial {spec['number']}")
         config = config.with_overrides(spec["trial_overrides"], source=f"trial {spec['number']}")
         # with promotion rungs the trial keeps its checkpoint there: a promoted trial continues from it
         result = train(config, callback=reporter, out_dir=spec.get("out_dir"))
     except ConfigError as exc:
-        tune.report({"phase": "failed", "fail_reason": "invalid_config", "fail_message": str(exc)})
+        report({"phase": "failed", "fail_reason": "invalid_config", "fail_message": str(exc)})
         return
     finally:
         watchdog.cancel()
     hardware = hardware_fingerprint()
     if reporter.timed_out:
-        tune.report({"phase": "failed", "fail_reason": "timeout", "hardware": hardware,
+        report({"phase": "failed", "fail_reason": "timeout", "hardware": hardware,
                      "fail_message": f"trial ran past {timeout_s:.0f} s", "fail_step": result.summary.get("steps")})
     elif result.status != "ok":
         failure = result.failure or {}
-        tune.report({"phase": "failed", "fail_reason": failure.get("reason", "error"), "hardware": hardware,
+        report({"phase": "failed", "fail_reason": failure.get("reason", "error"), "hardware": hardware,
                      "fail_message": failure.get("message", ""), "fail_step": failure.get("step"),
                      "throughput_img_s": reporter.throughput, "knn_top1_initial": reporter.knn_initial,
                      "student_knn_top1_initial": reporter.knn_initial})  # equal before training
@@ -66,7 +69,7 @@ def run_trial(spec: dict[str, Any]) -> None:
         summary = {k: result.summary.get(k) for k in SUMMARY_FIELDS}
         evals, student_evals = ({int(e["step"]): float(e[key]) for e in result.summary.get("evals", []) if e.get(key) is not None}
                                 for key in ("knn_top1", "student_knn_top1"))
-        tune.report({"phase": "done", **summary, "evals": evals, "student_evals": student_evals, "hardware": hardware})
+        report({"phase": "done", **summary, "evals": evals, "student_evals": student_evals, "hardware": hardware})
 
 
 class _PhaseReporter:

@@ -1,0 +1,74 @@
+"""A real Ray cluster of several nodes (Ray's own `cluster_utils.Cluster`: real raylets, one machine):
+trials spread over the nodes, one per node, each stored with its node."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    """A head node with no CPUs (the driver's) and two worker nodes with one CPU each."""
+    from ray.cluster_utils import Cluster
+
+    tmp = tempfile.mkdtemp(prefix="ray-cl-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, "temp_dir": tmp})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    yield cluster, {w.node_id for w in workers}, cluster.head_node.node_id
+    cluster.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_a_study_on_a_two_node_cluster_runs_one_trial_per_node_and_stores_each_trial_s_node(two_node_cluster, tiny_space,
+                                                                                            tmp_path):
+    cluster, worker_ids, head_id = two_node_cluster
+    path = tiny_space(tmp_path, "cluster", params={"crops.local_crops": {"choices": [0, 2]},
+                                                   "model.head.out_dim": {"choices": [32, 64]}},
+                      constraints={"knn_noise_seeds": 2}, budget={"n_trials": 6})
+    driver = subprocess.run([sys.executable, "-m", "tuner.cli", "run", str(path), "--address", cluster.address,
+                             "--confirm-rounds", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    assert "{'cpu': 1} per trial, 2 at a time" in driver.stdout  # one trial per node, all of its CPUs
+    study = optuna.load_study(study_name="cluster", storage=f"sqlite:///{tmp_path}/studies/cluster.db")
+    assert len(study.trials) == 6 and not [t for t in study.trials if t.state == TrialState.RUNNING]
+    nodes = [t.user_attrs.get("node_id") for t in study.trials]
+    assert set(nodes) <= worker_ids and head_id not in nodes  # the driver's node (no CPUs) ran none itself
+    assert len(set(nodes)) == 2  # both worker nodes ran trials
+    assert all(t.user_attrs.get("node_ip") for t in study.trials)
+    lines = [line for line in driver.stdout.splitlines() if line.startswith("trial ")]
+    assert len(lines) == 6 and all(" on node " in line for line in lines)
+    status = subprocess.run([sys.executable, "-m", "tuner.cli", "status", "cluster"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    per_node = [line for line in status.stdout.splitlines() if line.startswith("trials per node: ")]
+    assert len(per_node) == 1 and sum(int(part.rsplit(" ", 1)[1]) for part in per_node[0][17:].split(", ")) == 6
+
+
+def test_resources_no_node_has_are_refused_in_one_line_naming_what_the_cluster_has(two_node_cluster, tiny_space,
+                                                                                  tmp_path):
+    cluster, _, _ = two_node_cluster
+    path = tiny_space(tmp_path, "toobig", ray={"resources_per_trial": {"cpu": 4}})
+    driver = subprocess.run([sys.executable, "-m", "tuner.cli", "run", str(path), "--address", cluster.address],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert driver.returncode == 2
+    err = driver.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(
+        "toobig.yaml: ray.resources_per_trial (cpu 4): no node has that (the nodes have: CPU 1; CPU 1; no CPU)")
+    assert not (tmp_path / "studies" / "toobig.db").exists()
+
+
+def test_an_unreachable_address_is_one_line_and_leaves_no_study(tiny_space, tmp_path):
+    path = tiny_space(tmp_path, "nowhere")
+    driver = subprocess.run([sys.executable, "-m", "tuner.cli", "run", str(path), "--address", "127.0.0.1:1"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert driver.returncode == 2
+    err = driver.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --address 127.0.0.1:1: no Ray cluster could be joined there")
+    assert not (tmp_path / "studies" / "nowhere.db").exists()
