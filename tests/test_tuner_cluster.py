@@ -32,7 +32,8 @@ def test_a_study_on_a_two_node_cluster_runs_one_trial_per_node_and_stores_each_t
     cluster, worker_ids, head_id = two_node_cluster
     path = tiny_space(tmp_path, "cluster", params={"crops.local_crops": {"choices": [0, 2]},
                                                    "model.head.out_dim": {"choices": [32, 64]}},
-                      constraints={"knn_noise_seeds": 2}, budget={"n_trials": 6})
+                      constraints={"knn_noise_seeds": 2}, budget={"n_trials": 6},
+                      ray={"torch_threads": 1, "storage_path": "shared-results"})
     driver = subprocess.run([sys.executable, "-m", "tuner.cli", "run", str(path), "--address", cluster.address,
                              "--confirm-rounds", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert driver.returncode == 0, driver.stderr[-3000:]
@@ -43,6 +44,7 @@ def test_a_study_on_a_two_node_cluster_runs_one_trial_per_node_and_stores_each_t
     assert set(nodes) <= worker_ids and head_id not in nodes  # the driver's node (no CPUs) ran none itself
     assert len(set(nodes)) == 2  # both worker nodes ran trials
     assert all(t.user_attrs.get("node_ip") for t in study.trials)
+    assert [p.name[:4] for p in (tmp_path / "shared-results").iterdir()] == ["run-"]  # ray.storage_path
     lines = [line for line in driver.stdout.splitlines() if line.startswith("trial ")]
     assert len(lines) == 6 and all(" on node " in line for line in lines)
     status = subprocess.run([sys.executable, "-m", "tuner.cli", "status", "cluster"], cwd=tmp_path, capture_output=True,

@@ -86,7 +86,8 @@ def _search(space: SearchSpace, study, bridge: PruningBridge, url: str, n_trials
             f"{f' for at most {timeout_s:.0f} s' if timeout_s else ''}; {resources} per trial, {concurrency} at a time; {url}")
         searcher = StudySearcher(study, space, bridge, n_trials, resources.get("cpu", 1), progress=say,
                                  show_nodes=len([n for n in ray.nodes() if n.get("Alive")]) > 1)
-        ray_dir = Path("studies").resolve() / space.name
+        shared = space.ray.storage_path
+        ray_dir = (shared if "://" in shared else Path(shared).resolve()) if shared else Path("studies").resolve() / space.name
         tuner = tune.Tuner(
             tune.with_resources(run_trial, resources),
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=PruningScheduler(bridge), num_samples=-1,

@@ -298,6 +298,9 @@ class RaySettings(_Strict):
     resources_per_trial: dict[str, float] | None = Field(
         None, description="e.g. {cpu: 8, gpu: 1}; default: one GPU each, or all CPUs of a node when there is no GPU.")
     max_concurrent_trials: int | None = Field(None, ge=1, description="Default: one per GPU, or 1 without GPUs.")
+    storage_path: str | None = Field(
+        None, description="Where Ray Tune keeps its trial folders: a folder every node can reach (an NFS mount) or a "
+        "cloud URI (s3://..., gs://...) on a cluster of several machines; default: studies/<name>/ on the driver.")
     torch_threads: int | None = Field(
         None, ge=1, description="torch threads in a trial (default: the trial's CPUs; fewer helps when other "
         "processes share the CPU, where spinning OpenMP threads slow a step down many times).")
