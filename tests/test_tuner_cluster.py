@@ -74,3 +74,47 @@ def test_an_unreachable_address_is_one_line_and_leaves_no_study(tiny_space, tmp_
     err = driver.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --address 127.0.0.1:1: no Ray cluster could be joined there")
     assert not (tmp_path / "studies" / "nowhere.db").exists()
+
+
+def _stored_tiny_study(stored_study, tmp_path, tiny_space, hardware):
+    from tuner.searcher import trial_config
+    from tuner.space import SearchSpace
+    from tuner.study import baseline_params
+
+    space = SearchSpace.load(tiny_space(tmp_path, "remote", params={"crops.local_crops": {"choices": [0, 2]}}))
+    s = stored_study("remote", hardware=hardware, trial_overrides=space.trial.overrides(),
+                     choices={"crops.local_crops": [0, 2]})
+    params = baseline_params(space)
+    s.add("baseline", trial_config(space, params, "baseline", space.base_config().system.seed).to_dict(), params,
+          throughput=100.0, knn=20.0)
+    s.add("search", trial_config(space, {"crops.local_crops": 0}, "search", None).to_dict(), {"crops.local_crops": 0},
+          throughput=200.0, knn=20.0)
+    return s
+
+
+def test_confirm_with_an_address_measures_on_a_cluster_node_with_the_study_s_hardware(two_node_cluster, stored_study,
+                                                                                    tiny_space, tmp_path):
+    from tuner.study import hardware_fingerprint
+
+    cluster, worker_ids, _ = two_node_cluster
+    s = _stored_tiny_study(stored_study, tmp_path, tiny_space, hardware_fingerprint())
+    done = subprocess.run([sys.executable, "-m", "tuner.cli", "confirm", s.url, "--address", cluster.address,
+                           "--rounds", "2", "--parity-steps", "0"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    outcome = optuna.load_study(study_name="remote", storage=s.url).user_attrs["confirm"]
+    assert outcome["measured_on"]["node_id"] in worker_ids and outcome["measured_on"]["cpus"] == 1
+    assert len(outcome["speedups"]) == 2 and all(v > 0 for v in outcome["winner_img_s"] + outcome["baseline_img_s"])
+    assert f"measuring on node {outcome['measured_on']['node_id'][:8]}" in done.stdout
+
+
+def test_confirm_with_an_address_refuses_when_no_node_has_the_study_s_hardware(two_node_cluster, stored_study,
+                                                                             tiny_space, tmp_path):
+    cluster, _, _ = two_node_cluster
+    s = _stored_tiny_study(stored_study, tmp_path, tiny_space, {"device": "NVIDIA H100", "cpu_model": "Test CPU"})
+    done = subprocess.run([sys.executable, "-m", "tuner.cli", "confirm", s.url, "--address", cluster.address],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1
+    assert "no node has the study's hardware (NVIDIA H100, Test CPU); the cluster has: cpu, " in err[0]
+    assert "confirm" not in optuna.load_study(study_name="remote", storage=s.url).user_attrs

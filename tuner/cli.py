@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "export":
             s.add_argument("-o", "--output", type=Path, help="output YAML (default: studies/<name>-trial<N>.yaml)")
         if name == "confirm":
+            s.add_argument("--address", help="measure on a node of this Ray cluster whose hardware matches the winner's")
             s.add_argument("--rounds", type=_positive(int, "a whole number"), default=3,
                            help="interleaved A/B rounds (default 3)")
             s.add_argument("--parity-steps", type=int, default=None,
@@ -73,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="interleaved rounds over the path (default 3)")
     e.add_argument("--parity-steps", type=int, default=None,
                    help="optimizer steps of each knob's parity check (default 4; 0: skip parity)")
+    e.add_argument("--address", help="measure on a node of this Ray cluster whose hardware matches the winner's")
     rp = sub.add_parser("report", help="write an offline HTML dashboard of one study, or overlay several",
                         epilog=EXIT_CODES + ".")
     rp.add_argument("studies", nargs="+", help="study names or storage URLs (several: one overlaid Pareto plot)")
@@ -169,7 +171,8 @@ def _confirm(args) -> int:
     from tuner.study import load
 
     _check_parity_steps(args.parity_steps)
-    confirm(load(args.study, args.study_name), args.pick, args.rounds, parity_steps=args.parity_steps)
+    confirm(load(args.study, args.study_name), args.pick, args.rounds, parity_steps=args.parity_steps,
+            address=args.address)
     return 0
 
 
@@ -184,7 +187,7 @@ def _explain(args) -> int:
 
     _check_parity_steps(args.parity_steps)
     record = explain(load(args.study, args.study_name), args.pick, args.rounds,
-                     parity_steps=args.parity_steps)  # MeasurementFailed: exit 1
+                     parity_steps=args.parity_steps, address=args.address)  # MeasurementFailed: exit 1
     print(format_explain(record))
     return 0
 

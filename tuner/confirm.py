@@ -14,26 +14,35 @@ from typing import Callable
 import optuna
 
 from trainer.config import ConfigError
-from tuner.remeasure import interleaved, measured_config, ratio_stats
+from tuner.remeasure import interleaved, local_measure, measured_config, on_cluster, ratio_stats
 from tuner.select import baseline_trial, pick
 from tuner.verdicts import system_knobs_at_baseline, verdict
 
 
 def confirm(study: optuna.Study, policy: str = "fastest", rounds: int = 3,
-            progress: Callable[[str], None] | None = print, parity_steps: int | None = None) -> dict:
+            progress: Callable[[str], None] | None = print, parity_steps: int | None = None,
+            address: str | None = None) -> dict:
     """Measure the picked trial and the baseline `rounds` times each, interleaved, then check the parity of
-    the winner's system knobs (`parity_steps` optimizer steps; 0 skips it); store and return the result."""
+    the winner's system knobs (`parity_steps` optimizer steps; 0 skips it); store and return the result.
+    With `address`, the measurements run as Ray tasks on a node of that cluster whose hardware matches
+    the winner's (parity stays in this process)."""
     winner, base = pick(study, policy), baseline_trial(study)
     if base is None:
         raise ConfigError(f"study {study.study_name!r} has no completed baseline trial to compare with")
     say = progress or (lambda line: None)
     labels = [f"winner (trial {winner.number})", f"baseline (trial {base.number})"]
+    measure, measured_on = local_measure()
+    if address:
+        measure, measured_on = on_cluster(address, winner.user_attrs.get("hardware"))
+        say(f"measuring on node {measured_on['node_id'][:8]} ({measured_on['node_ip']}): {measured_on['device']}, "
+            f"{measured_on['cpu_model']}, {measured_on['cpus']} CPUs")
     # A failed measurement raises MeasurementFailed: not the user's mistake (`tuner confirm` exits 1, not 2).
-    measured = interleaved([measured_config(study, winner), measured_config(study, base)], rounds, say, labels)
+    measured = interleaved([measured_config(study, winner), measured_config(study, base)], rounds, say, labels, measure)
     median, _, ratios = ratio_stats(measured[0], measured[1])
     outcome = {"trial": winner.number, "baseline_trial": base.number, "rounds": rounds, "pick": policy,
                "winner_img_s": measured[0], "baseline_img_s": measured[1], "speedups": ratios,
-               "speedup_median": median, "speedup_min": min(ratios), "speedup_max": max(ratios)}
+               "speedup_median": median, "speedup_min": min(ratios), "speedup_max": max(ratios),
+               "measured_on": measured_on}
     study.set_user_attr("confirm", outcome)  # finished trials are read-only in Optuna: the result lives on the study
     history = dict(study.user_attrs.get("confirmed_speedups", {}))
     history[str(winner.number)] = outcome["speedup_median"]

@@ -19,7 +19,7 @@ import optuna
 from trainer.config import ConfigError, TrainConfig
 from trainer.knobs import METHOD, flatten, group_class
 from trainer.table import format_table
-from tuner.remeasure import interleaved, measure_throughput, measured_config, ratio_stats
+from tuner.remeasure import interleaved, local_measure, measured_config, on_cluster, ratio_stats
 from tuner.select import baseline_trial, pick
 
 # Fields that say how a trial is measured or seeded, not how it trains; never counted as knobs.
@@ -60,12 +60,21 @@ def knob_groups(base: TrainConfig, target: TrainConfig) -> list[dict[str, Any]]:
 
 
 def explain(study: optuna.Study, policy: str = "fastest", rounds: int = 3, echo: Callable[[str], None] = print,
-            measure: Callable[[TrainConfig], float] = measure_throughput, parity_steps: int | None = None) -> dict[str, Any]:
+            measure: Callable[[TrainConfig], float] | None = None, parity_steps: int | None = None,
+            address: str | None = None) -> dict[str, Any]:
     """Measure the baseline-to-winner path one knob at a time, check each exact or approximate knob's
-    parity (`parity_steps` optimizer steps each; 0 skips parity); store and return it."""
+    parity (`parity_steps` optimizer steps each; 0 skips parity); store and return it. With `address`,
+    the measurements run as Ray tasks on a node of that cluster whose hardware matches the winner's."""
     base_t, win_t = baseline_trial(study), pick(study, policy)
     if base_t is None:
         raise ConfigError(f"study {study.study_name!r} has no completed baseline to explain against")
+    measured_on = None
+    if measure is None and address:
+        measure, measured_on = on_cluster(address, win_t.user_attrs.get("hardware"))
+        echo(f"measuring on node {measured_on['node_id'][:8]} ({measured_on['node_ip']}): {measured_on['device']}, "
+             f"{measured_on['cpu_model']}, {measured_on['cpus']} CPUs")
+    elif measure is None:
+        measure, measured_on = local_measure()
     base, target = measured_config(study, base_t), measured_config(study, win_t)
     groups = knob_groups(base, target)
     if not groups:
@@ -101,7 +110,8 @@ def explain(study: optuna.Study, policy: str = "fastest", rounds: int = 3, echo:
     for step, group in zip(steps, (groups[i] for i in order)):
         step["parity"] = parity.get(", ".join(group))
     record = {"baseline_trial": base_t.number, "winner_trial": win_t.number, "policy": policy, "rounds": rounds,
-              "baseline_throughput_img_s": statistics.median(results[0]), "baseline_rounds": results[0], "steps": steps}
+              "baseline_throughput_img_s": statistics.median(results[0]), "baseline_rounds": results[0], "steps": steps,
+              "measured_on": measured_on}
     study.set_user_attr("explain", record)
     study.set_user_attr("parity", {**(study.user_attrs.get("parity") or {}), **parity})
     return record

@@ -28,6 +28,17 @@ def measure_throughput(config: TrainConfig) -> float:
     return result.speed.throughput_img_s
 
 
+def local_measure() -> tuple[Callable[[TrainConfig], float], dict]:
+    """`measure_throughput` in this process, and a description of where that is (`measured_on`)."""
+    import platform
+
+    from tuner.study import hardware_fingerprint
+
+    fp = hardware_fingerprint()
+    return measure_throughput, {"node_id": None, "node_ip": None, "host": platform.node(), "device": fp["device"],
+                                "cpu_model": fp["cpu_model"], "cpus": fp["cpu_cores"], "gpus": fp["gpu_count"]}
+
+
 def interleaved(configs: list[TrainConfig], rounds: int, echo: Callable[[str], None] = lambda _: None,
                 labels: list[str] | None = None,
                 measure: Callable[[TrainConfig], float] = measure_throughput) -> list[list[float]]:
@@ -55,3 +66,52 @@ def measured_config(study, trial) -> TrainConfig:
         raise ConfigError(f"trial {trial.number} stores no config (was it run by this version of tuner?)")
     config = TrainConfig.from_dict(data, source=f"trial {trial.number} of study {study.study_name!r}")
     return config.with_overrides(study.user_attrs.get("trial_overrides", {}))
+
+
+def _measure_task(config: dict, threads: int) -> float:
+    """Ray task: one speed phase on the node it was placed on, with all of that node's threads."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    return measure_throughput(TrainConfig.from_dict(config, source="measured config"))
+
+
+def on_cluster(address: str, hardware: dict | None, where: str = "--address") -> tuple[Callable[[TrainConfig], float], dict]:
+    """A `measure` function that runs each measurement as a Ray task on a node of the cluster at `address`
+    whose hardware matches `hardware` (the trial's device and CPU model), taking all of that node's CPUs
+    (and one GPU where it has one), so re-measurements happen on the hardware the study was tuned on and
+    never beside another measurement. Returns it with a description of the node (`measured_on`)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from tuner.runner import _init_ray
+    from tuner.study import hardware_fingerprint
+
+    _init_ray(address, where)
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
+    probe = ray.remote(num_cpus=0)(hardware_fingerprint)
+    prints = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+                      for n in nodes])
+    want = {k: (hardware or {}).get(k) for k in ("device", "cpu_model")}
+    matching = [(n, fp) for n, fp in zip(nodes, prints) if {k: fp.get(k) for k in want} == want]
+    if not matching:
+        have = "; ".join(sorted({f"{fp.get('device')}, {fp.get('cpu_model')}" for fp in prints})) or "no node with a CPU"
+        raise ConfigError(f"{where} {address}: no node has the study's hardware ({want['device']}, {want['cpu_model']}); "
+                          f"the cluster has: {have}")
+    node, fp = matching[0]
+    cpus = int(node["Resources"]["CPU"])
+    gpus = 1 if node["Resources"].get("GPU") else 0
+    task = ray.remote(_measure_task).options(
+        num_cpus=cpus, num_gpus=gpus, max_retries=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+
+    def measure(config: TrainConfig) -> float:
+        try:
+            return ray.get(task.remote(config.to_dict(), cpus))
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
+            raise MeasurementFailed(str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__) from None
+
+    where_measured = {"node_id": node["NodeID"], "node_ip": node.get("NodeManagerAddress"), "device": fp.get("device"),
+                      "cpu_model": fp.get("cpu_model"), "cpus": cpus, "gpus": gpus}
+    return measure, where_measured

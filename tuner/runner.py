@@ -72,7 +72,7 @@ def _drive(space: SearchSpace, url: str, n_trials: int | None, timeout_s: float 
     if space.trial.rungs:
         promote(study, space, say)
     if confirm_rounds > 0:
-        confirm_winner(study, confirm_rounds, say)
+        confirm_winner(study, confirm_rounds, say, address or space.ray.address)
     return summarize(study, url)
 
 
@@ -106,7 +106,7 @@ def _search(space: SearchSpace, study, bridge: PruningBridge, url: str, n_trials
             ray.shutdown()
 
 
-def confirm_winner(study, rounds: int, say: Callable[[str], None]) -> None:
+def confirm_winner(study, rounds: int, say: Callable[[str], None], address: str | None = None) -> None:
     """`tuner confirm` of the best feasible trial, unless it is the baseline or is confirmed already."""
     from trainer.config import ConfigError
     from tuner.confirm import confirm
@@ -120,7 +120,7 @@ def confirm_winner(study, rounds: int, say: Callable[[str], None]) -> None:
         return
     say(f"confirming trial {best.number} against the baseline: {rounds} interleaved rounds (skip with --confirm-rounds 0)")
     try:
-        confirm(study, "fastest", rounds, progress=say)
+        confirm(study, "fastest", rounds, progress=say, address=address)
     except (ConfigError, MeasurementFailed) as exc:  # the speedup stays unconfirmed; the study is intact
         say(f"confirm did not finish: {exc}; the speedup stays unconfirmed")
 
