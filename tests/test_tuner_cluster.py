@@ -118,3 +118,28 @@ def test_confirm_with_an_address_refuses_when_no_node_has_the_study_s_hardware(t
     assert done.returncode == 2 and len(err) == 1
     assert "no node has the study's hardware (NVIDIA H100, Test CPU); the cluster has: cpu, " in err[0]
     assert "confirm" not in optuna.load_study(study_name="remote", storage=s.url).user_attrs
+
+
+def test_a_trial_of_two_processes_trains_as_one_ddp_job_and_counts_both_ranks_images(ray_session, tiny_space, tmp_path,
+                                                                                    monkeypatch):
+    from tuner import run
+
+    monkeypatch.chdir(tmp_path)
+    path = tiny_space(tmp_path, "ddp", params={"crops.local_crops": {"choices": [0]}}, budget={"n_trials": 2},
+                      constraints={"knn_noise_seeds": 1}, ray={"torch_threads": 2, "workers_per_trial": 2})
+    summary = run(path, progress=None, confirm_rounds=0)
+    assert summary.states == {"COMPLETE": 2}
+    study = optuna.load_study(study_name="ddp", storage=f"sqlite:///{tmp_path}/studies/ddp.db")
+    for t in study.trials:
+        batch = t.user_attrs["config"]["optim"]["batch_size"]
+        assert t.user_attrs["world_size"] == 2 and t.user_attrs["images_per_step"] == 2 * batch
+        assert t.user_attrs["throughput_img_s"] > 0 and t.user_attrs["knn_top1"] is not None
+
+
+def test_rungs_and_several_processes_per_trial_are_refused_together(tiny_space, tmp_path):
+    from trainer.config import ConfigError
+    from tuner.space import SearchSpace
+
+    path = tiny_space(tmp_path, "both", trial={"rungs": [12]}, ray={"workers_per_trial": 2})
+    with pytest.raises(ConfigError, match=r"both.yaml: ray.workers_per_trial 2: promotion rungs"):
+        SearchSpace.load(path)

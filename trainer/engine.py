@@ -455,6 +455,13 @@ class Run:
         return state
 
 
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is true on any rank (one small all-reduce): ranks must leave the loop at the same step."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _segment_free(config: dict[str, Any]) -> dict[str, Any]:
     """A config without what may differ between the segments of one run: where it stops, and when it
     evaluates (evaluation does not touch the training state)."""
@@ -581,6 +588,8 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
                 run.stop_requested = True
             if cfg.budget.time_limit_s and train_time >= cfg.budget.time_limit_s:
                 stop_reason = "time_limit"
+            if run.dist.world > 1 and _any_rank(run.stop_requested or stop_reason is not None, run.device) and not stop_reason:
+                run.stop_requested = True  # a stop seen by one rank (the caller's, a time limit) stops all alike
             if run.stop_requested or stop_reason or run.step >= run.stop_step:
                 break
             t_aside = time.perf_counter()

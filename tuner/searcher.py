@@ -130,7 +130,7 @@ class StudySearcher(Searcher):
             out_dir = str(trial_dir(self.study.study_name, trial.number)) if self.space.trial.rungs else None
             return {"number": trial.number, "role": role, "config": config.to_dict(), "env": env, "out_dir": out_dir,
                     "trial_overrides": self.space.trial.overrides(),
-                    "cpus": self.space.ray.torch_threads or self.cpus,
+                    "cpus": self.space.ray.torch_threads or self.cpus, "workers": self.space.ray.workers_per_trial,
                     "timeout_s": trial_timeout_s(self.study, self.space)}
         return Searcher.FINISHED
 

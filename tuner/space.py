@@ -298,6 +298,9 @@ class RaySettings(_Strict):
     resources_per_trial: dict[str, float] | None = Field(
         None, description="e.g. {cpu: 8, gpu: 1}; default: one GPU each, or all CPUs of a node when there is no GPU.")
     max_concurrent_trials: int | None = Field(None, ge=1, description="Default: one per GPU, or 1 without GPUs.")
+    workers_per_trial: int = Field(
+        1, ge=1, description="Processes per trial: each trial runs as a DDP job of this many ranks on its node (gloo "
+        "on CPU, NCCL on GPUs: give it as many GPUs in resources_per_trial); the throughput counts every rank's images.")
     storage_path: str | None = Field(
         None, description="Where Ray Tune keeps its trial folders: a folder every node can reach (an NFS mount) or a "
         "cloud URI (s3://..., gs://...) on a cluster of several machines; default: studies/<name>/ on the driver.")
@@ -406,6 +409,9 @@ class SearchSpace(_Strict):
             TrainConfig.from_dict(_apply(base.to_dict(), self.baseline), source=f"{src}: baseline")
         except ConfigError as exc:
             raise ConfigError(str(exc)) from None
+        if self.ray.workers_per_trial > 1 and self.trial.rungs:
+            raise ConfigError(f"{src}: ray.workers_per_trial {self.ray.workers_per_trial}: promotion rungs (trial.rungs) "
+                              "continue a trial in one process, which would change its math; use one or the other")
         if self.sampler.name == "grid":
             for name, param in self.params.items():
                 if param.choices is None and not param.is_int:

@@ -12,13 +12,19 @@ callback returning True.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from typing import Any
 
 #: Summary fields a finished trial reports (and the searcher stores).
-SUMMARY_FIELDS = ("throughput_img_s", "throughput_spread", "knn_top1", "knn_top5", "knn_top1_initial",
+SUMMARY_FIELDS = ("throughput_img_s", "throughput_spread", "world_size", "images_per_step", "knn_top1", "knn_top5", "knn_top1_initial",
                   "student_knn_top1", "student_knn_top5", "student_knn_top1_initial", "bn_stats",
                   "view_agreement_initial", "view_agreement", "teacher_entropy", "max_entropy",
                   "data_wait_fraction", "phases_ms", "peak_memory_mb", "memory_kind", "steps", "wall_s",
@@ -36,7 +42,9 @@ def run_trial(spec: dict[str, Any]) -> None:
     from tuner.study import hardware_fingerprint
 
     os.environ.update({k: str(v) for k, v in (spec.get("env") or {}).items()})
-    torch.set_num_threads(max(1, int(spec.get("cpus") or 1)))
+    workers = max(1, int(spec.get("workers") or 1))
+    threads = max(1, int(spec.get("cpus") or 1) // workers)
+    torch.set_num_threads(threads)
     timeout_s = float(spec["timeout_s"])
     # A trial stuck inside one step never reaches the callback; end its process well after the timeout.
     watchdog = threading.Timer(timeout_s + max(30.0, 0.2 * timeout_s), lambda: os._exit(124))
@@ -49,7 +57,8 @@ def run_trial(spec: dict[str, Any]) -> None:
         config = TrainConfig.from_dict(spec["config"], source=f"trial {spec['number']}")
         config = config.with_overrides(spec["trial_overrides"], source=f"trial {spec['number']}")
         # with promotion rungs the trial keeps its checkpoint there: a promoted trial continues from it
-        result = train(config, callback=reporter, out_dir=spec.get("out_dir"))
+        with ranks(config, workers, threads):  # rank 0 is this process; the others are its children
+            result = train(config, callback=reporter, out_dir=spec.get("out_dir"))
     except ConfigError as exc:
         report({"phase": "failed", "fail_reason": "invalid_config", "fail_message": str(exc)})
         return
@@ -109,3 +118,54 @@ class _PhaseReporter:
     def _quality(self, payload: dict[str, Any]) -> None:
         self.report({"phase": "quality", "step": int(payload["step"]), "knn_top1": payload["knn_top1"],
                      "student_knn_top1": payload.get("student_knn_top1")})
+
+
+@contextlib.contextmanager
+def ranks(config, workers: int, threads: int):
+    """A trial as a DDP job of `workers` processes on this node (`ray.workers_per_trial`): this process is
+    rank 0 (it reports to Ray Tune; its throughput counts every rank's images, as the trainer's does under
+    torchrun), ranks 1.. run `train` on the same config in child processes, `threads` torch threads each."""
+    if workers <= 1:
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(workers)}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(config.to_dict(), f)
+    children = [subprocess.Popen([sys.executable, "-m", "tuner.trial", f.name, str(threads)],
+                                 env={**os.environ, **shared, "RANK": str(r), "LOCAL_RANK": str(r)})
+                for r in range(1, workers)]
+    saved = {k: os.environ.get(k) for k in (*shared, "RANK", "LOCAL_RANK")}
+    os.environ.update({**shared, "RANK": "0", "LOCAL_RANK": "0"})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for child in children:
+            try:
+                child.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        os.unlink(f.name)
+
+
+def _rank_main(argv: list[str]) -> int:
+    """A rank > 0 of a multi-process trial: `python -m tuner.trial CONFIG.json THREADS` (see `ranks`)."""
+    import torch
+
+    from trainer import TrainConfig, train
+
+    torch.set_num_threads(int(argv[1]))
+    with open(argv[0]) as f:
+        config = TrainConfig.from_dict(json.load(f), source="trial rank")
+    return 0 if train(config).status == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_rank_main(sys.argv[1:]))
