@@ -61,3 +61,29 @@ def test_the_baselines_noise_replicate_is_never_the_winner():
 def test_negative_trial_numbers_are_refused_not_counted_from_the_end():
     with pytest.raises(ConfigError, match="--pick trial:-1: no such trial"):
         pick(_study(), "trial:-1")
+
+
+def test_a_compiled_winner_states_its_compile_time_and_break_even_everywhere(stored_study):
+    from trainer.config import TrainConfig
+    from tuner.export import export_header
+    from tuner.summary import format_status, summarize
+    from tuner.verdicts import compile_break_even
+
+    s = stored_study("compiled")
+    base = TrainConfig().with_overrides({"optim.batch_size": 64})
+    s.add("baseline", base.to_dict(), throughput=100.0, knn=20.0)
+    s.add("search", base.with_overrides({"system.compile": "default"}).to_dict(), throughput=200.0, knn=20.0,
+          attrs={"compile_s": 64.0, "images_per_step": 64})
+    study = optuna.load_study(study_name="compiled", storage=s.url)
+    # eager 0.64 s/step against compiled 0.32 s/step: 64 s of compiling is won back after 200 steps
+    found = compile_break_even(study, study.trials[1])
+    assert found["break_even_steps"] == pytest.approx(200.0) and found["against"] == "the baseline"
+    assert "torch.compile took 64 s; ahead of the baseline after about 200 steps" in format_status(summarize(study))
+    assert "\ntorch.compile took 64 s; ahead of the baseline after about 200 steps (compile time" in export_header(study, study.trials[1], "fastest")
+    # with explain's measurement of the compile step, the reference is the same path without compile
+    study.set_user_attr("explain", {"winner_trial": 1, "steps": [
+        {"knob": "system.compile", "throughput_img_s": 200.0, "step_speedup": 1.6}]})
+    found = compile_break_even(study, study.trials[1])
+    assert found["against"].startswith("the same configuration without compile")
+    assert found["break_even_steps"] == pytest.approx(64.0 / (64 / 125.0 - 64 / 200.0))
+    assert compile_break_even(study, study.trials[0]) is None

@@ -9,7 +9,7 @@ import optuna
 from trainer.config import TrainConfig
 from tuner.select import baseline_trial, is_feasible, pick
 from tuner.summary import knn_key
-from tuner.verdicts import verdict
+from tuner.verdicts import compile_break_even, verdict
 
 
 def export(study: optuna.Study, policy: str = "fastest", out: str | Path | None = None) -> tuple[Path, str]:
@@ -48,6 +48,9 @@ def export_header(study: optuna.Study, trial: optuna.trial.FrozenTrial, policy: 
     if quality.failed:
         lines.append("WARNING: a knob of this trial failed parity: it changes what training computes; "
                      "see `tuner status` and the report.")
+    compiled = compile_break_even(study, trial)
+    if compiled is not None:
+        lines.append(compiled["text"] + " (compile time is not in the throughput).")
     if not is_feasible(trial):
         lines.append("WARNING: this trial is not feasible (its kNN or memory constraint is violated).")
     confirm = s.get("confirm")

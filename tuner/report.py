@@ -29,7 +29,7 @@ from trainer.events import PHASES
 from tuner.select import baseline_trial, best_feasible, is_feasible, pareto_set
 from tuner.explain import quality_cell
 from tuner.summary import StudySummary, knn_key, summarize
-from tuner.verdicts import verdict
+from tuner.verdicts import compile_break_even, verdict
 
 STATE_STYLE = {  # marker per trial kind on the Pareto plot
     "complete": dict(color="#1f77b4", symbol="circle", size=9),
@@ -157,9 +157,11 @@ def headline(study: optuna.Study, s: StudySummary) -> str:
     card("kNN top-1 baseline / winner", f"{_num(knn(base))} / {_num(knn(win))}", "percent")
     if win is not None:
         quality = verdict(study, win)
-        card("quality verdict", "parity FAILED" if quality.failed else (
-            "unmeasured" if quality.method_changes else "parity" if quality.system_changes else "-"),
-            quality.text.removeprefix("quality: "))
+        card("quality verdict", quality.short, quality.text.removeprefix("quality: "))
+        compiled = compile_break_even(study, win)
+        if compiled is not None:
+            steps = compiled["break_even_steps"]
+            card("compile break-even", f"{steps:,.0f} steps" if steps is not None else "never", compiled["text"])
     if knn(base) is not None and knn(win) is not None:
         noise = s.knn_noise_points
         within = noise is not None and abs(knn(win) - knn(base)) <= noise and not s.measures_nothing

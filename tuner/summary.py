@@ -11,7 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from trainer.table import format_table
 from tuner.select import baseline_trial, best_feasible, is_feasible, pareto_set
-from tuner.verdicts import parity_failures, verdict
+from tuner.verdicts import compile_break_even, parity_failures, verdict
 
 
 @dataclass
@@ -66,6 +66,7 @@ class StudySummary:
     hardware: dict[str, Any] = field(default_factory=dict)
     confirm: dict[str, Any] | None = None
     quality: str | None = None  # the best feasible trial's quality verdict (`tuner.verdicts`)
+    compile_break_even: str | None = None  # the best feasible trial compiles: its compile time and break-even
     rungs: list[dict[str, Any]] = field(default_factory=list)  # per promotion rung: steps, baseline kNN, outcomes
     nodes: dict[str, int] = field(default_factory=dict)  # trials per Ray node ("id (ip)"), where recorded
     measures_nothing: bool = False  # the baseline's kNN did not move: no kNN difference means anything
@@ -91,6 +92,7 @@ def summarize(study: optuna.Study, storage_url: str = "") -> StudySummary:
         warnings.append("kNN noise not measured (constraints.knn_noise_seeds < 2 or the noise trial did not finish)")
     base, best = baseline_trial(study), best_feasible(study)
     quality = verdict(study, best).text if best is not None else None
+    compiled = compile_break_even(study, best) if best is not None else None
     return StudySummary(
         study_name=study.study_name, storage_url=storage_url,
         states=dict(Counter(t.state.name for t in trials)),
@@ -100,7 +102,7 @@ def summarize(study: optuna.Study, storage_url: str = "") -> StudySummary:
         knn_noise_points=attrs.get("knn_noise_points"), knn_tolerance_points=attrs.get("knn_tolerance_effective"),
         time_saved_by_pruning_s=sum(t.user_attrs.get("time_saved_s", 0.0) for t in trials if t.state == TrialState.PRUNED),
         warnings=warnings, hardware=attrs.get("hardware", {}), confirm=attrs.get("confirm"),
-        quality=quality, measures_nothing=bool(attrs.get("quality_warning")), rungs=rung_summary(study),
+        quality=quality, compile_break_even=compiled["text"] if compiled else None, measures_nothing=bool(attrs.get("quality_warning")), rungs=rung_summary(study),
         nodes=dict(Counter(f"{t.user_attrs['node_id'][:8]} ({t.user_attrs.get('node_ip')})" for t in trials
                            if t.user_attrs.get("node_id"))),
     )
@@ -153,6 +155,8 @@ def format_status(s: StudySummary) -> str:
                    f"kNN {b.knn_top1:.1f}{' (' + note + ')' if note else ''}")
         if s.quality:
             out.append(f"  {s.quality}")
+        if s.compile_break_even:
+            out.append(f"  {s.compile_break_even}")
     for r in s.rungs:
         if r["baseline_knn"] is None:
             continue

@@ -80,6 +80,48 @@ class QualityVerdict:
     def failed(self) -> bool:
         return bool(self.parity_failed)
 
+    @property
+    def short(self) -> str:
+        """A word or two for a dashboard card."""
+        text = self.text
+        if self.failed:
+            return "parity FAILED"
+        if "kNN LOST" in text:
+            return "kNN LOST"
+        if "unmeasured" in text:
+            return "unmeasured"
+        if "kNN within tolerance" in text:
+            return "kNN within tolerance"
+        return "parity" if self.system_changes else "-"
+
+
+def compile_break_even(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any] | None:
+    """For a trial that compiles: the compile time (measured apart from throughput) and after how many
+    optimizer steps the compiled run is ahead of running eager. The eager reference is explain's
+    measurement of the same path without `system.compile` where there is one, else the baseline."""
+    u, attrs = trial.user_attrs, study.user_attrs
+    config = u.get("config") or {}
+    compile_s, throughput = u.get("compile_s"), u.get("throughput_img_s")
+    if (config.get("system") or {}).get("compile", "off") == "off" or not compile_s or not throughput:
+        return None
+    optim = config.get("optim") or {}
+    images = u.get("images_per_step") or optim.get("batch_size", 0) * optim.get("accumulation_steps", 1)
+    reference, against = attrs.get("baseline_throughput_img_s"), "the baseline"
+    record = attrs.get("explain") or {}
+    if record.get("winner_trial") == trial.number:
+        for step in record.get("steps", []):
+            if "system.compile" in step["knob"].split(", ") and step.get("step_speedup"):
+                reference = step["throughput_img_s"] / step["step_speedup"]
+                against = "the same configuration without compile (tuner explain)"
+    if not reference or not images:
+        return None
+    saved_per_step = images / reference - images / throughput
+    steps = compile_s / saved_per_step if saved_per_step > 0 else None
+    text = (f"torch.compile took {compile_s:.0f} s; " +
+            (f"ahead of {against} after about {steps:,.0f} steps" if steps is not None
+             else f"never ahead of {against} (not faster per step)"))
+    return {"compile_s": compile_s, "against": against, "break_even_steps": steps, "text": text}
+
 
 def changed_knobs(base: dict[str, Any], other: dict[str, Any]) -> dict[str, str]:
     """{path: class} of every knob in which `other` differs from `base` (plain config data)."""
