@@ -121,7 +121,8 @@ class StoredStudy:
         for key, value in (params or {}).items():
             trial.suggest_categorical(key, self.choices.get(key, [value]))
         trial.set_user_attr("role", role)
-        for key, value in (attrs or {}).items():
+        extra = dict(attrs or {})  # the caller's attributes win over the defaults below
+        for key, value in extra.items():
             trial.set_user_attr(key, value)
         if config is not None:
             trial.set_user_attr("config", config)
@@ -142,6 +143,7 @@ class StoredStudy:
                      "hardware": study.user_attrs["hardware"]}
             if role == "search" and base_knn is not None:
                 attrs["knn_delta_points"] = knn - base_knn
+            attrs.update(extra)
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
             trial.set_constraint("knn_points", -self.tolerance if role != "search" else (base_knn - self.tolerance) - knn)

@@ -87,3 +87,16 @@ def test_a_compiled_winner_states_its_compile_time_and_break_even_everywhere(sto
     assert found["against"].startswith("the same configuration without compile")
     assert found["break_even_steps"] == pytest.approx(64.0 / (64 / 125.0 - 64 / 200.0))
     assert compile_break_even(study, study.trials[0]) is None
+
+
+def test_status_warns_when_trials_ran_on_several_kinds_of_hardware(stored_study):
+    from trainer.config import TrainConfig
+    from tuner.summary import format_status, summarize
+
+    s = stored_study("mixed")
+    s.add("baseline", TrainConfig().to_dict(), throughput=100.0, knn=20.0)
+    s.add("search", TrainConfig().with_overrides({"crops.local_crops": 0}).to_dict(), throughput=300.0, knn=20.0,
+          attrs={"hardware": {**s.HARDWARE, "device": "NVIDIA A100", "cpu_model": "Other CPU"}})
+    status = format_status(summarize(optuna.load_study(study_name="mixed", storage=s.url)))
+    assert ("warning: trials ran on 2 kinds of hardware (NVIDIA A100, Other CPU; cpu, Test CPU): every speedup is "
+            "against the baseline measured on cpu, Test CPU only") in status

@@ -41,6 +41,11 @@ class TrialRow:
                    u.get("pruned_phase"), dict(t.params))
 
 
+def hardware_kind(hardware: dict[str, Any]) -> str:
+    """What makes two trials' speeds comparable: the device and the CPU model."""
+    return f"{hardware.get('device', '?')}, {hardware.get('cpu_model', '?')}"
+
+
 def knn_key(t: FrozenTrial) -> str:
     """The attribute holding the kNN this trial was judged on: the teacher's, or the student's where the
     space's `constraints.knn_backbone` said so."""
@@ -91,6 +96,11 @@ def summarize(study: optuna.Study, storage_url: str = "") -> StudySummary:
     elif attrs.get("knn_noise_points") is None:
         warnings.append("kNN noise not measured (constraints.knn_noise_seeds < 2 or the noise trial did not finish)")
     base, best = baseline_trial(study), best_feasible(study)
+    kinds = sorted({hardware_kind(t.user_attrs["hardware"]) for t in trials if t.user_attrs.get("hardware")})
+    if len(kinds) > 1 and base is not None:
+        warnings.append(f"trials ran on {len(kinds)} kinds of hardware ({'; '.join(kinds)}): every speedup is against "
+                        f"the baseline measured on {hardware_kind(base.user_attrs.get('hardware') or {})} only, so a "
+                        "trial on other hardware mixes the knob with the machine; run confirm with --address")
     quality = verdict(study, best).text if best is not None else None
     compiled = compile_break_even(study, best) if best is not None else None
     return StudySummary(
