@@ -20,7 +20,11 @@ a landscape, and some trials are pruned as in a real study. It imports neither t
 The direct run calls the same trivial work for the same trials (the configs the study stored), in one
 process: no Ray, no study. Orchestration = study wall - direct wall. Per-trial overhead is the time
 between two consecutive finished trials (the searcher's progress line) less the trial's own work; the
-first trial (Ray's first actor, the study's creation) is shown apart as "first s".
+first trial (Ray's first actor, the study's creation) is shown apart as "first s". Of it, "searcher" is
+the time in `StudySearcher.suggest` and `on_trial_complete` (sampling, validation, the database), and
+"actor start" the time from `suggest` handing Ray the trial to the trainable's first line (Ray Tune
+creating the trial's actor in a fresh worker process; the rest is Ray Tune's controller loop and the
+actor's teardown).
 
 Ray: one local Ray (num_cpus=2, no dashboard, a temporary _temp_dir under /tmp), started before the
 studies and counted in none of them; Ray Tune's result folders go to the temporary folder.
@@ -56,15 +60,17 @@ def synthetic_result(config: dict) -> tuple[float, float]:
     return throughput, knn
 
 
-def trivial_work(spec: dict, report, work_s: float) -> None:
-    """The substituted trial: sleep, then report as `tuner.trial.run_trial` does (speed, then done)."""
+def trivial_work(spec: dict, report, work_s: float, started_at: float = 0.0) -> None:
+    """The substituted trial: sleep, then report as `tuner.trial.run_trial` does (speed, then done).
+    `started_at` (when the trainable began, time.time()) rides along for the timeline."""
     t0 = time.perf_counter()
     throughput, knn = synthetic_result(spec["config"])
     time.sleep(work_s)
-    report({"phase": "speed", "step": 0, "throughput_img_s": throughput, "throughput_spread": 0.0, "peak_memory_mb": 0.0})
+    report({"phase": "speed", "step": 0, "throughput_img_s": throughput, "throughput_spread": 0.0, "peak_memory_mb": 0.0,
+            "started_at": started_at})
     report({"phase": "done", "throughput_img_s": throughput, "throughput_spread": 0.0, "knn_top1": knn,
             "knn_top1_initial": knn - 1.0, "student_knn_top1": knn, "steps": 8, "wall_s": time.perf_counter() - t0,
-            "peak_memory_mb": 0.0, "evals": {}, "student_evals": {}})
+            "peak_memory_mb": 0.0, "evals": {}, "student_evals": {}, "started_at": started_at})
 
 
 def make_trainable(work_s: float, imports: bool):
@@ -72,6 +78,7 @@ def make_trainable(work_s: float, imports: bool):
     `imports`, it first imports what `tuner.trial.run_trial` imports (torch, the trainer), as a real trial
     does in its fresh Ray actor; the direct run has them imported once."""
     def trivial_trial(spec: dict) -> None:
+        started_at = time.time()
         from ray import tune
 
         if imports:
@@ -82,7 +89,7 @@ def make_trainable(work_s: float, imports: bool):
 
             torch.set_num_threads(1)
             hardware_fingerprint()
-        trivial_work(spec, tune.report, work_s)
+        trivial_work(spec, tune.report, work_s, started_at)
     return trivial_trial
 
 
@@ -105,16 +112,25 @@ def study_run(space_path: Path, n: int, work_s: float, folder: Path, profile: bo
     profiler = cProfile.Profile() if profile else None
     searcher_s: dict[str, float] = {}  # per Ray trial id: seconds in StudySearcher.suggest + on_trial_complete
     finished: list[str] = []  # trial ids in the order they finished
+    given: dict[str, float] = {}  # when suggest handed Ray the trial (time.time())
+    actor_s: dict[str, float] = {}  # from then until the trainable began: Ray's actor start
 
     def timed(method, last: bool):
         def wrapper(self, trial_id, *args, **kwargs):
             t = time.perf_counter()
+            out = None
             try:
-                return method(self, trial_id, *args, **kwargs)
+                out = method(self, trial_id, *args, **kwargs)
+                return out
             finally:
                 searcher_s[trial_id] = searcher_s.get(trial_id, 0.0) + time.perf_counter() - t
+                if not last and isinstance(out, dict):
+                    given[trial_id] = time.time()
                 if last:
                     finished.append(trial_id)
+                    result = (args[0] if args else kwargs.get("result")) or {}
+                    if result.get("started_at") and trial_id in given:
+                        actor_s[trial_id] = result["started_at"] - given[trial_id]
         return wrapper
 
     cwd = os.getcwd()
@@ -137,7 +153,7 @@ def study_run(space_path: Path, n: int, work_s: float, folder: Path, profile: bo
     states = [t.state.name for t in trials]
     return {"wall": wall, "t0": t0, "stamps": stamps, "configs": [t.user_attrs["config"] for t in trials],
             "pruned": states.count("PRUNED"), "failed": states.count("FAIL"), "profiler": profiler,
-            "searcher_s": [searcher_s[i] for i in finished]}
+            "searcher_s": [searcher_s[i] for i in finished], "actor_s": [actor_s.get(i, 0.0) for i in finished]}
 
 
 def direct_run(configs: list[dict], work_s: float) -> list[float]:
@@ -188,10 +204,11 @@ def main() -> int:
             per_trial = [i - d for i, d in zip(intervals, direct)]
             orchestration = s["wall"] - sum(direct)
             per = orchestration / n
-            own = s["searcher_s"]
+            own, actor = s["searcher_s"][1:], s["actor_s"][1:]
             rows.append((n, s["wall"], sum(direct), per, orchestration / s["wall"], per_trial[0],
-                         tenth(per_trial[1:], last=False), tenth(per_trial[1:], last=True),
-                         tenth(own, last=False), tenth(own, last=True),
+                         f"{tenth(per_trial[1:], last=False):.2f} / {tenth(per_trial[1:], last=True):.2f}",
+                         f"{tenth(own, last=False):.2f} / {tenth(own, last=True):.2f}",
+                         f"{tenth(actor, last=False):.2f} / {tenth(actor, last=True):.2f}",
                          per / (per + args.trial_s), f"{s['pruned']}/{s['failed']}"))
             if s["profiler"]:
                 out = io.StringIO()
@@ -206,7 +223,7 @@ def main() -> int:
         print(f"cProfile of the driver, N={n} (cumulative):\n{text}")
     print(f"trivial trial: {args.work} s of sleep{' after importing torch and the trainer' if args.imports else ''}; space {args.space.name}; typical real trial {args.trial_s:g} s")
     print(format_table(["N", "wall s", "direct s", "orch. s/trial", "orch. fraction", "first s",
-                        "first tenth s", "last tenth s", "searcher first", "searcher last", f"fraction of a {args.trial_s:g} s trial", "pruned/failed"], rows))
+                        "per trial s: first / last tenth", "of it searcher", "of it actor start", f"fraction of a {args.trial_s:g} s trial", "pruned/failed"], rows))
     return 0
 
 
