@@ -32,7 +32,6 @@ studies and counted in none of them; Ray Tune's result folders go to the tempora
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import os
@@ -48,6 +47,7 @@ from unittest import mock
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from trainer.arguments import OneLineParser  # noqa: E402
 from trainer.table import format_table  # noqa: E402
 
 
@@ -172,12 +172,13 @@ def tenth(values: list[float], last: bool) -> float:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, nargs="+", default=[10, 50], help="study sizes (default: 10 50)")
     p.add_argument("--space", type=Path, default=REPO / "search_spaces" / "speed.yaml", help="search space YAML")
     p.add_argument("--work", type=float, default=0.2, help="seconds each trivial trial sleeps (default 0.2)")
-    p.add_argument("--trial-s", type=float, default=30.0,
-                   help="a typical trial of the real study, in seconds, for the last column (default 30)")
+    p.add_argument("--trial-s", type=float, default=49.0,
+                   help="a typical trial of the real study, in seconds, for the last column (default 49: the median "
+                        "speed.yaml trial measured on a 2-core AMD EPYC, docs/results.md)")
     p.add_argument("--imports", action="store_true",
                    help="each trivial trial imports torch and the trainer first, as a real trial does in its fresh process")
     p.add_argument("--profile", type=int, metavar="N", help="profile the driver at this study size (cProfile, top 25)")

@@ -1,7 +1,7 @@
 """How close the tuner's sampler and pruner get to the exhaustive grid's best, and for how many trial-seconds.
 
-    .venv/bin/python benchmarks/search_efficiency.py --measure   # once: the real grid (26 trials, ~10-20 min)
-    .venv/bin/python benchmarks/search_efficiency.py             # then: 10 seeds over the measured table (~1 min)
+    .venv/bin/python benchmarks/search_efficiency.py --measure   # once: the real grid (26 real trials, 7 min on 2 loaded cores)
+    .venv/bin/python benchmarks/search_efficiency.py             # then: 10 seeds over the measured table (2 min)
 
 The space is benchmarks/search_efficiency.yaml: 4 knobs, 24 configurations of the smoke study's shrunk
 model, with the speed study's sampler (TPE, multivariate, constant liar) and speed-phase MedianPruner.
@@ -25,7 +25,6 @@ the tolerance of the baseline's mean kNN).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -41,6 +40,7 @@ from unittest import mock
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from trainer.arguments import OneLineParser  # noqa: E402
 from trainer.table import format_table  # noqa: E402
 from tuner.space import SearchSpace  # noqa: E402
 
@@ -212,7 +212,7 @@ def short(key: str | None) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--measure", action="store_true", help="run the real grid and write the table (slow)")
     p.add_argument("--table", type=Path, default=TABLE, help=f"the measured grid (default {TABLE.name})")
     p.add_argument("--seeds", type=int, default=10, help="sampler seeds (default 10: seeds 0-9)")
