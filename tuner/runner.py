@@ -126,7 +126,9 @@ def _init_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+    # No address: a private local Ray, never a cluster someone else started with `ray start` on this machine
+    # (Ray's default joins it, and its trials die when that cluster stops).
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
              configure_logging=True)
     return True
 
