@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from trainer.cli import main as trainer_main
-from trainer.config import ConfigError, TrainConfig, default_config_path
+from trainer.config import ConfigError, TrainConfig, default_config_path, packaged_config_names
 from tuner.cli import main as tuner_main
 from tuner.shipped import resolve_space_path, shipped_space_names
 from tuner.space import SearchSpace
@@ -71,7 +71,9 @@ def test_a_misspelt_key_names_the_close_keys(capsys):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["config", "no-such-config"], "no-such-config: no such config file, and not a shipped config name (shipped: default)"),
+    # a checkout's configs/ may also hold the README's `tuner export speed -o configs/fast.yaml`
+    (["config", "no-such-config"], "no-such-config: no such config file, and not a shipped config name "
+                                   f"(shipped: {', '.join(packaged_config_names())})"),
     (["config", "a.yaml", "b.yaml"], "two configs given ('a.yaml' and 'b.yaml')"),
     (["train", "--epochs", "3"], "unrecognized option '--epochs'"),
     (["fly"], "error: trainer: argument command: invalid choice: 'fly'"),

@@ -224,3 +224,13 @@ def test_export_backbone_mistakes_are_one_line(tmp_path, capsys):
     assert trainer_main(["export-backbone", str(tmp_path / "plain.pth"), "-o", str(tmp_path / "b.pth")]) == 2
     assert "not a trainer checkpoint (no 'config' and 'teacher' entries)" in capsys.readouterr().err
     assert not (tmp_path / "b.pth").exists()
+
+
+def test_export_backbone_reads_a_checkpoint_written_after_optimizer_steps(tmp_path):
+    """A real run's checkpoint holds the optimizer's lr and weight decay; export must read it (issue 18)."""
+    run = Run(tiny_config(system__seed=1), None, tmp_path / "stepped")
+    run.build()
+    run.optimizer_step(0)
+    assert all(type(g["lr"]) is float for g in run.optimizer.param_groups)
+    run.save_checkpoint({})
+    assert trainer_main(["export-backbone", str(tmp_path / "stepped"), "-o", str(tmp_path / "b.pth")]) == 0

@@ -119,13 +119,18 @@ def _run_dir(args, cfg_path: Path) -> Path:
 def _train(cfg: TrainConfig, args) -> int:
     from trainer.engine import train
     from trainer.loss import collapse_note
+    from trainer.warmstart import CHECKPOINT
 
     out = _run_dir(args, resolve_config_path(args.config))
     progress = _Progress(enabled=not args.quiet and _is_main_rank())
+    if args.resume and not (out / CHECKPOINT).is_file():
+        # A usage mistake changes nothing: no run folder is made, no config.yaml written.
+        raise ConfigError(f"--resume: no checkpoint at {out / CHECKPOINT}")
     if _is_main_rank():
         print(f"training -> {out}" + (" (resuming)" if args.resume else ""), file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.yaml")
+        if not args.resume:  # a resumed run keeps its config.yaml (the checkpoint must match it)
+            cfg.save(out / "config.yaml")
     result = train(cfg, callback=progress, out_dir=out, resume=args.resume)
     progress.close()
     if not _is_main_rank():

@@ -311,9 +311,9 @@ class Run:
 
     def optimizer_step(self, step: int) -> None:
         for i, group in enumerate(self.optimizer.param_groups):
-            group["lr"] = self.lr[step]
+            group["lr"] = float(self.lr[step])  # a Python float: numpy scalars make checkpoints unreadable with weights_only
             if i == 0:
-                group["weight_decay"] = self.wd[step]
+                group["weight_decay"] = float(self.wd[step])
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.clip_grad

@@ -178,7 +178,12 @@ def export_backbone(source: str | Path, output: str | Path, which: str = "teache
     if not path.is_file():
         raise ConfigError(f"{source}: no trainer checkpoint (give a run folder holding {CHECKPOINT}, or the file)")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        # Checkpoints written before the optimizer's lr and weight decay were stored as floats hold numpy scalars.
+        import numpy as np
+
+        numpy_scalar = [np.float64(0).__reduce__()[0], np.dtype, type(np.dtype(np.float64))]
+        with torch.serialization.safe_globals(numpy_scalar):
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ConfigError(f"{path}: not a readable trainer checkpoint ({type(exc).__name__})") from None
     if not (isinstance(data, dict) and "config" in data and which in data):

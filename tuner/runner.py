@@ -146,8 +146,10 @@ def _init_ray(address: str | None, where: str = "--address") -> bool:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     _probe(address, where)
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                 configure_logging=True)
+        # No address: a private local Ray, never a cluster someone else started with `ray start` on this
+        # machine (Ray's default joins it, and its trials die when that cluster stops).
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING, configure_logging=True)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         if address is None:
             raise
