@@ -4,6 +4,7 @@ and tiny search spaces for the tuner tests (synthetic data, a width-8 ResNet-18,
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import shutil
 import socket
@@ -126,12 +127,15 @@ def _create_database(admin_url: str, name: str) -> None:
     conn.close()
 
 
+_DATABASES = itertools.count()
+
+
 @pytest.fixture
 def postgres_url(postgres_server, request):
     """A new, empty database on the session's PostgreSQL server, for this test: its URL."""
     import re
 
-    name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:50]
+    name = f"t{next(_DATABASES)}_" + re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:50]
     _create_database(postgres_server, name)
     return postgres_server.rsplit("/", 1)[0] + f"/{name}"
 

@@ -55,7 +55,10 @@ def check_storage_url(url: str, source: str = "--storage") -> None:
 
 
 def storage_for(url: str) -> optuna.storages.BaseStorage:
-    """The Optuna storage for `url`: a journal file, or an RDB storage (a relative SQLite path gets its folder created)."""
+    """The Optuna storage for `url`: a journal file, or an RDB storage (a relative SQLite path gets its folder created).
+
+    A server database that cannot be reached (refused, wrong password, no such database) or whose driver
+    package is missing is a one-line `ConfigError`, raised before anything is written."""
     if url.startswith(JOURNAL):
         from optuna.storages.journal import JournalFileBackend
 
@@ -66,19 +69,44 @@ def storage_for(url: str) -> optuna.storages.BaseStorage:
         path = Path(url[len("sqlite:///"):])
         if str(path) not in ("", ":memory:"):
             path.parent.mkdir(parents=True, exist_ok=True)
+    elif not url.startswith("sqlite"):
+        _check_server(url)
     kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None
     for attempt in range(5):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError):
             # Two processes opened a new database at once (a driver starting while `tuner status` or a
             # second driver looks): both create Optuna's tables and stamp its schema version, and one
-            # loses ("table already exists", a UNIQUE constraint). The winner's schema is complete a
-            # moment later; opening again finds it.
+            # loses ("table already exists", a UNIQUE constraint, a deadlock between the two). The
+            # winner's schema is complete a moment later; opening again finds it.
             if attempt == 4:
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _check_server(url: str) -> None:
+    """Connect to a server database once: a one-line `ConfigError` when it cannot be used (nothing written)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    shown = make_url(url).render_as_string(hide_password=True)
+    try:
+        engine = create_engine(url, poolclass=NullPool)
+    except ImportError as exc:
+        package = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary"}.get(getattr(exc, "name", None) or "")
+        hint = f"; pip install {package}" if package else ""
+        raise ConfigError(f"{shown}: its database driver {exc.name or ''} is not installed{hint}") from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.DBAPIError as exc:
+        reason = "; ".join(line.strip() for line in str(exc.orig).splitlines() if line.strip())
+        raise ConfigError(f"{shown}: cannot open the database: {reason}") from None
+    finally:
+        engine.dispose()
 
 
 def study_exists(url: str, name: str) -> bool:
