@@ -106,7 +106,7 @@ def postgres_server():
     sh(str(bindir / "initdb"), "-D", str(data), "-U", "tuner", "--auth=scram-sha-256", f"--pwfile={pwfile}",
        "-E", "UTF8", "--no-instructions")
     options = (f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={tmp} -c fsync=off "
-               "-c max_connections=60 -c shared_buffers=16MB")
+               "-c max_connections=100 -c shared_buffers=16MB")
     sh(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log), "-w", "-t", "60", "start")
     try:
         _create_database(f"postgresql://tuner:{password}@127.0.0.1:{port}/postgres", "tuner")

@@ -4,6 +4,7 @@ them killed mid-trial. Real processes, a real Ray and a real database throughout
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -22,10 +23,15 @@ pytestmark = pytest.mark.slow
 GRID = [0, 1, 3, 4]  # crops.local_crops: four grid points, none of them the baseline's 2
 
 
-def _load(url: str, name: str) -> optuna.Study:
+@functools.lru_cache(maxsize=None)
+def _storage(url: str):
     from tuner.study import storage_for
 
-    return optuna.load_study(study_name=name, storage=storage_for(url))
+    return storage_for(url)  # one per URL: each holds a pool of connections to the server
+
+
+def _load(url: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=_storage(url))
 
 
 def _tables(url: str) -> list[str]:

@@ -159,17 +159,17 @@ def open_study(space: SearchSpace, url: str) -> optuna.Study:
 
     Several drivers may start at once on a journal file or a server database: one creates the study and
     enqueues the baseline, the others load it and wait until the creator has set it up."""
-    sampler = space.build_sampler()
-    if not study_exists(url, space.name):
+    sampler, storage = space.build_sampler(), storage_for(url)  # one storage: one connection pool per driver
+    if not any(s.study_name == space.name for s in optuna.get_all_study_summaries(storage)):
         try:
-            study = optuna.create_study(study_name=space.name, storage=storage_for(url), sampler=sampler,
+            study = optuna.create_study(study_name=space.name, storage=storage, sampler=sampler,
                                         directions=["maximize", "maximize"])
         except optuna.exceptions.DuplicatedStudyError:
             pass  # another driver created it a moment ago: continue it
         else:
             _set_up(study, space)
             return study
-    study = optuna.load_study(study_name=space.name, storage=storage_for(url), sampler=sampler)
+    study = optuna.load_study(study_name=space.name, storage=storage, sampler=sampler)
     _await_set_up(study, space)
     stored = study.user_attrs.get("space_fingerprint", {})
     changed = [k for k, v in space.fingerprint().items() if stored.get(k) not in (None, v)]
