@@ -3,8 +3,12 @@ and tiny search spaces for the tuner tests (synthetic data, a width-8 ResNet-18,
 
 from __future__ import annotations
 
+import glob
+import itertools
 import os
 import shutil
+import socket
+import subprocess
 import tempfile
 import warnings
 from pathlib import Path
@@ -58,6 +62,82 @@ def ray_session():
     yield ray
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server for the session (initdb + pg_ctl in a temporary folder, its own free port on
+    127.0.0.1, password login): yields the URL of its `tuner` database; stopped and removed at the end. Run as the
+    `postgres` user when the tests run as root (initdb refuses root). Skips when PostgreSQL is not installed."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[-3]))
+    if not found:
+        pytest.skip("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb); "
+                    ".ci/run installs Debian's postgresql when run as root")
+    pytest.importorskip("psycopg2", reason="psycopg2 is not installed (it is in the dev extra)")
+    bindir = Path(found[-1]).parent
+    as_user: list[str] = []
+    tmp = Path(tempfile.mkdtemp(prefix="pg-tests-", dir="/tmp"))
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            shutil.rmtree(tmp)
+            pytest.skip("running as root and there is no 'postgres' user to run the test server as")
+        os.chown(tmp, owner.pw_uid, owner.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    password = "tuner-test-pw"
+    pwfile = tmp / "pw"
+    pwfile.write_text(password + "\n")
+    if as_user:
+        os.chown(pwfile, owner.pw_uid, owner.pw_gid)
+    with socket.socket() as s:  # a free port; never the system server's 5432
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data, log = tmp / "data", tmp / "server.log"
+
+    def sh(*args: str) -> None:
+        done = subprocess.run([*as_user, *args], capture_output=True, text=True)
+        if done.returncode:
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            pytest.fail(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}{done.stderr}{tail}")
+
+    sh(str(bindir / "initdb"), "-D", str(data), "-U", "tuner", "--auth=scram-sha-256", f"--pwfile={pwfile}",
+       "-E", "UTF8", "--no-instructions")
+    options = (f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={tmp} -c fsync=off "
+               "-c max_connections=100 -c shared_buffers=16MB")
+    sh(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log), "-w", "-t", "60", "start")
+    try:
+        _create_database(f"postgresql://tuner:{password}@127.0.0.1:{port}/postgres", "tuner")
+        yield f"postgresql://tuner:{password}@127.0.0.1:{port}/tuner"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                       capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _create_database(admin_url: str, name: str) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(admin_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+
+
+_DATABASES = itertools.count()
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request):
+    """A new, empty database on the session's PostgreSQL server, for this test: its URL."""
+    import re
+
+    name = f"t{next(_DATABASES)}_" + re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:50]
+    _create_database(postgres_server, name)
+    return postgres_server.rsplit("/", 1)[0] + f"/{name}"
 
 
 FAULTS = ["none", "oom@2", "nan@2", "kill@2"]

@@ -16,7 +16,7 @@ from tuner.promotion import promote
 from tuner.pruning import PruningBridge, PruningScheduler
 from tuner.searcher import StudySearcher, update_baseline_stats
 from tuner.space import SearchSpace
-from tuner.study import check_storage_url, counted_trials, driver_lock, open_study, recover_interrupted
+from tuner.study import StudyLock, check_storage_url, counted_trials, driver_lock, open_study, recover_interrupted
 from tuner.summary import StudySummary, summarize
 from tuner.trial import run_trial
 
@@ -58,11 +58,12 @@ def run(space: SearchSpace | str | Path, n_trials: int | None = None, timeout_s:
 
 def _drive(space: SearchSpace, url: str, n_trials: int | None, timeout_s: float | None, address: str | None,
            say: Callable[[str], None], confirm_rounds: int) -> StudySummary:
-    study = open_study(space, url)
-    rerun = recover_interrupted(study)
+    study, lock = open_study(space, url), StudyLock(url, space.name)  # the lock: for several drivers on one study
+    rerun = recover_interrupted(study, lock)
     if rerun:
         say(f"trials {rerun} were interrupted earlier: marked FAIL (interrupted) and queued to run again")
-    update_baseline_stats(study, space)
+    with lock:
+        update_baseline_stats(study, space)
     bridge = _bridge_with_history(space, study)
     done = len(counted_trials(study))
     if n_trials is not None and done >= n_trials:
@@ -85,21 +86,21 @@ def _search(space: SearchSpace, study, bridge: PruningBridge, url: str, n_trials
         say(f"study {space.name}: {done} trials stored, running up to {n_trials or 'unlimited'}"
             f"{f' for at most {timeout_s:.0f} s' if timeout_s else ''}; {resources} per trial, {concurrency} at a time; {url}")
         searcher = StudySearcher(study, space, bridge, n_trials, resources.get("cpu", 1), progress=say,
-                                 show_nodes=len([n for n in ray.nodes() if n.get("Alive")]) > 1)
+                                 show_nodes=len([n for n in ray.nodes() if n.get("Alive")]) > 1, lock=StudyLock(url, space.name))
         shared = space.ray.storage_path
         ray_dir = (shared if "://" in shared else Path(shared).resolve()) if shared else Path("studies").resolve() / space.name
         tuner = tune.Tuner(
             tune.with_resources(run_trial, resources),
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=PruningScheduler(bridge), num_samples=-1,
                                         max_concurrent_trials=concurrency, time_budget_s=timeout_s),
-            run_config=tune.RunConfig(storage_path=str(ray_dir), name=f"run-{time.strftime('%Y%m%d-%H%M%S')}",
+            run_config=tune.RunConfig(storage_path=str(ray_dir), name=f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                                       verbose=0, failure_config=tune.FailureConfig(max_failures=0)),
         )
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the new output engine prints every trial error's result table
         with _quiet_ray():
             tuner.fit()
     finally:
-        left = recover_interrupted(study)  # trials still running when Ray stopped (time limit, Ctrl-C)
+        left = recover_interrupted(study, StudyLock(url, space.name))  # still running when Ray stopped (time limit, Ctrl-C)
         if left:
             say(f"trials {left} did not finish: queued to run again next time")
         if started_ray:

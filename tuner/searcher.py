@@ -14,6 +14,7 @@ samplers that learn from constraints learn where memory runs out (`fail_reason` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
@@ -28,7 +29,8 @@ from trainer.config import ConfigError, TrainConfig, apply_overrides
 from tuner.promotion import tidy_checkpoints, trial_dir
 from tuner.pruning import PruningBridge
 from tuner.space import ENV_PREFIX, SearchSpace
-from tuner.study import BASELINE_ROLES, baseline_params, baseline_trials, counted_trials, driver_id, requeue
+from tuner.study import (BASELINE_ROLES, StudyLock, baseline_params, baseline_trials, counted_trials, driver_id,
+                         recover_interrupted, requeue)
 from tuner.trial import SUMMARY_FIELDS
 
 
@@ -88,13 +90,16 @@ class StudySearcher(Searcher):
     """Ask/tell over an Optuna study, for Ray Tune (see the module docstring)."""
 
     def __init__(self, study: optuna.Study, space: SearchSpace, bridge: PruningBridge, n_trials: int | None,
-                 cpus_per_trial: float, progress: Callable[[str], None] | None = None, show_nodes: bool = False):
+                 cpus_per_trial: float, progress: Callable[[str], None] | None = None,
+                 lock: StudyLock | None = None, show_nodes: bool = False):
         super().__init__(metric=None, mode=None)
         self.show_nodes = show_nodes  # a cluster of several nodes: each progress line names the trial's node
         self.study, self.space, self.bridge = study, space, bridge
         self.n_trials, self.cpus = n_trials, cpus_per_trial
         self.progress = progress or (lambda line: None)
         self.live: dict[str, Live] = {}
+        self.lock = lock or contextlib.nullcontext()  # the study's lock among several drivers
+        self._look_again = 0.0
 
     # ---- Ray Tune's Searcher API ----------------------------------------------------------------
 
@@ -102,16 +107,44 @@ class StudySearcher(Searcher):
         return True
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        """The next trial's spec, None to wait (baseline still running), or FINISHED."""
-        if any(live.role in BASELINE_ROLES for live in self.live.values()):
+        """The next trial's spec, None to wait (baseline still running), or FINISHED.
+
+        Several drivers may share the study: the budget counts every driver's running trials, search
+        trials wait for the baseline whichever driver runs it, and a dead driver's running trials are
+        taken over (marked interrupted, queued again)."""
+        if any(live.role in BASELINE_ROLES for live in self.live.values()) or time.monotonic() < self._look_again:
             return None
+        with self.lock:
+            taken = recover_interrupted(self.study, others_only=True)  # the lock is held already
+            if taken:
+                self.progress(f"trials {taken} were left running by a driver that is gone: marked FAIL (interrupted) "
+                              "and queued to run again")
+            if self._baseline_elsewhere():
+                self._look_again = time.monotonic() + 1.0  # Ray Tune asks again at once; the database need not answer
+                return None
+            return self._ask(trial_id)
+
+    def _baseline_elsewhere(self) -> bool:
+        """Whether another driver runs a baseline trial and none is left to run here: search trials wait."""
+        pending = [t.state for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+                   if t.user_attrs.get("role") in BASELINE_ROLES]
+        return bool(pending) and TrialState.WAITING not in pending
+
+    def _used(self) -> int:
+        """Trials of the budget: finished ones that count, and those running now in any driver (rungs aside)."""
+        running = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if t.user_attrs.get("role") != "rung"]
+        return len(counted_trials(self.study)) + len(running)
+
+    def _ask(self, trial_id: str) -> dict[str, Any] | None:
         for _ in range(100):
-            if self.n_trials is not None and len(counted_trials(self.study)) + len(self.live) >= self.n_trials:
+            if self.n_trials is not None and self._used() >= self.n_trials:
                 return Searcher.FINISHED
             sampler = self.study.sampler
             if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(self.study) and not self._queued():
                 return Searcher.FINISHED
             trial = self.study.ask()
+            trial.set_user_attr("driver", driver_id())  # whose trial it is, when several drivers share a study
             role = trial.user_attrs.get("role", "search")
             seed = trial.user_attrs.get("seed")
             params = sample_params(trial, self.space, role)
@@ -121,7 +154,6 @@ class StudySearcher(Searcher):
                 self._tell_fail(trial, "invalid_config", str(exc).replace("trial config: ", ""))
                 continue
             trial.set_user_attr("role", role)
-            trial.set_user_attr("driver", driver_id())  # whose trial it is, when several drivers share a study
             trial.set_user_attr("config", config.to_dict())
             env = {k[len(ENV_PREFIX):]: v for k, v in params.items() if k.startswith(ENV_PREFIX)}
             self.live[trial_id] = Live(trial, role, time.monotonic(), {"speed": {}, "quality": {}})
@@ -193,7 +225,8 @@ class StudySearcher(Searcher):
             self._tell_fail(trial, "interrupted", "stopped before it finished (study time limit)")
             requeue(self.study, trial)
         if live.role in BASELINE_ROLES:
-            update_baseline_stats(self.study, self.space)
+            with self.lock:  # another driver may be telling the baseline's other seed: the last to write sees both
+                update_baseline_stats(self.study, self.space)
         if self.space.trial.rungs:
             tidy_checkpoints(self.study)  # only trials that can still be promoted keep theirs
         self.progress(progress_line(self.study, trial.number, self.n_trials, self.show_nodes))

@@ -1,7 +1,8 @@
 """The study database: storage, study-level attributes, baseline enqueueing, crash recovery.
 
 The study is an ordinary Optuna study in Optuna's RDB schema (SQLite by default, any SQLAlchemy URL
-otherwise), so `optuna.load_study` and optuna-dashboard open it. Only the driver process writes it.
+otherwise) or a journal file, so `optuna.load_study` and optuna-dashboard open it. Only driver processes
+write it: one on a SQLite file, several on a journal file or a PostgreSQL database.
 
 What the tuner adds lives in Optuna's own attribute tables: per trial (user attrs) the role, the full
 config, throughput and its spread, kNN before and after, speedup, phase times, peak memory, the
@@ -17,6 +18,7 @@ import os
 import platform
 import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,10 @@ def check_storage_url(url: str, source: str = "--storage") -> None:
 
 
 def storage_for(url: str) -> optuna.storages.BaseStorage:
-    """The Optuna storage for `url`: a journal file, or an RDB storage (a relative SQLite path gets its folder created)."""
+    """The Optuna storage for `url`: a journal file, or an RDB storage (a relative SQLite path gets its folder created).
+
+    A server database that cannot be reached (refused, wrong password, no such database) or whose driver
+    package is missing is a one-line `ConfigError`, raised before anything is written."""
     if url.startswith(JOURNAL):
         from optuna.storages.journal import JournalFileBackend
 
@@ -66,19 +71,44 @@ def storage_for(url: str) -> optuna.storages.BaseStorage:
         path = Path(url[len("sqlite:///"):])
         if str(path) not in ("", ":memory:"):
             path.parent.mkdir(parents=True, exist_ok=True)
+    elif not url.startswith("sqlite"):
+        _check_server(url)
     kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None
     for attempt in range(5):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError):
             # Two processes opened a new database at once (a driver starting while `tuner status` or a
             # second driver looks): both create Optuna's tables and stamp its schema version, and one
-            # loses ("table already exists", a UNIQUE constraint). The winner's schema is complete a
-            # moment later; opening again finds it.
+            # loses ("table already exists", a UNIQUE constraint, a deadlock between the two). The
+            # winner's schema is complete a moment later; opening again finds it.
             if attempt == 4:
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _check_server(url: str) -> None:
+    """Connect to a server database once: a one-line `ConfigError` when it cannot be used (nothing written)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    shown = make_url(url).render_as_string(hide_password=True)
+    try:
+        engine = create_engine(url, poolclass=NullPool)
+    except ImportError as exc:
+        package = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary"}.get(getattr(exc, "name", None) or "")
+        hint = f"; pip install {package}" if package else ""
+        raise ConfigError(f"{shown}: its database driver {exc.name or ''} is not installed{hint}") from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.DBAPIError as exc:
+        reason = "; ".join(line.strip() for line in str(exc.orig).splitlines() if line.strip())
+        raise ConfigError(f"{shown}: cannot open the database: {reason}") from None
+    finally:
+        engine.dispose()
 
 
 def study_exists(url: str, name: str) -> bool:
@@ -125,33 +155,57 @@ def driver_lock(url: str, name: str):
 
 
 def open_study(space: SearchSpace, url: str) -> optuna.Study:
-    """Create the study (baseline trials enqueued first) or continue it; refuse a changed space."""
-    sampler = space.build_sampler()
-    if study_exists(url, space.name):
-        study = optuna.load_study(study_name=space.name, storage=storage_for(url), sampler=sampler)
-        stored = study.user_attrs.get("space_fingerprint", {})
-        changed = [k for k, v in space.fingerprint().items() if stored.get(k) not in (None, v)]
-        if changed:
-            old = study.user_attrs.get("space_sections", {}).get(changed[0])
-            what = first_difference(old, space.sections()[changed[0]]) if old is not None else None
-            raise ConfigError(
-                f"{space.source}: {changed[0]}{'.' + what if what else ''}: changed since study {space.name!r} in {url} "
-                f"was started; its trials would not be comparable (give the space a new name: or use --storage)")
-        return study
-    study = optuna.create_study(study_name=space.name, storage=storage_for(url), sampler=sampler,
-                                directions=["maximize", "maximize"])
+    """Create the study (baseline trials enqueued first) or continue it; refuse a changed space.
+
+    Several drivers may start at once on a journal file or a server database: one creates the study and
+    enqueues the baseline, the others load it and wait until the creator has set it up."""
+    sampler, storage = space.build_sampler(), storage_for(url)  # one storage: one connection pool per driver
+    if not any(s.study_name == space.name for s in optuna.get_all_study_summaries(storage)):
+        try:
+            study = optuna.create_study(study_name=space.name, storage=storage, sampler=sampler,
+                                        directions=["maximize", "maximize"])
+        except optuna.exceptions.DuplicatedStudyError:
+            pass  # another driver created it a moment ago: continue it
+        else:
+            _set_up(study, space)
+            return study
+    study = optuna.load_study(study_name=space.name, storage=storage, sampler=sampler)
+    _await_set_up(study, space)
+    stored = study.user_attrs.get("space_fingerprint", {})
+    changed = [k for k, v in space.fingerprint().items() if stored.get(k) not in (None, v)]
+    if changed:
+        old = study.user_attrs.get("space_sections", {}).get(changed[0])
+        what = first_difference(old, space.sections()[changed[0]]) if old is not None else None
+        raise ConfigError(
+            f"{space.source}: {changed[0]}{'.' + what if what else ''}: changed since study {space.name!r} in {url} "
+            f"was started; its trials would not be comparable (give the space a new name: or use --storage)")
+    return study
+
+
+def _set_up(study: optuna.Study, space: SearchSpace) -> None:
+    """A new study's attributes and baseline trials; the fingerprint last, as the sign that it is complete."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([OBJECTIVES[0], space.constraints.knn_metric])
-    study.set_user_attr("space_fingerprint", space.fingerprint())
     study.set_user_attr("space_sections", space.sections())
     study.set_user_attr("space_source", space.source)
     study.set_user_attr("hardware", hardware_fingerprint())
     study.set_user_attr("knn_tolerance_points", space.constraints.knn_tolerance_points)
     study.set_user_attr("knn_backbone", space.constraints.knn_backbone)
     study.set_user_attr("trial_overrides", space.trial.overrides())
-    enqueue_baseline(study, space)
-    return study
+    if not any(t.user_attrs.get("role") in BASELINE_ROLES for t in study.get_trials(deepcopy=False)):
+        enqueue_baseline(study, space)
+    study.set_user_attr("space_fingerprint", space.fingerprint())
+
+
+def _await_set_up(study: optuna.Study, space: SearchSpace, wait_s: float = 60.0) -> None:
+    """Wait while the driver that created the study sets it up; finish the set-up if that driver died doing it."""
+    deadline = time.monotonic() + wait_s
+    while "space_fingerprint" not in study.user_attrs:
+        if time.monotonic() > deadline:
+            _set_up(study, space)
+            return
+        time.sleep(0.2)
 
 
 def baseline_params(space: SearchSpace) -> dict[str, Any]:
@@ -207,16 +261,66 @@ def _driver_gone(trial: FrozenTrial) -> bool:
     return False
 
 
-def recover_interrupted(study: optuna.Study) -> list[int]:
-    """Mark trials left RUNNING by a driver that is gone FAIL ("interrupted") and enqueue their configs again."""
+class StudyLock:
+    """The study's lock among several drivers, held while one asks for a trial or recovers others' trials.
+
+    Without it two drivers asking at once both pass the budget check (one trial too many) and a grid
+    sampler gives both the same unvisited point; and a driver recovering interrupted trials could take a
+    trial another driver has just asked for but not yet marked as its own. PostgreSQL: an advisory lock
+    on a connection of its own; a journal file: an `flock` on a file beside it. Both are released however
+    the holder ends. A SQLite study has one driver (`driver_lock`); other server databases take no lock.
+    Reusable, not reentrant.
+    """
+
+    def __init__(self, url: str, name: str):
+        self.url, self.name = url, name
+        self._release: Any = None
+
+    def __enter__(self) -> "StudyLock":
+        if self.url.startswith(JOURNAL):
+            fd = os.open(f"{self.url[len(JOURNAL):]}.{self.name}.ask-lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._release = lambda: os.close(fd)  # closing releases the flock
+        elif self.url.startswith("postgresql"):
+            from sqlalchemy import create_engine, text
+            from sqlalchemy.pool import NullPool
+
+            key = zlib.crc32(f"dino-speed-tuner:{self.name}".encode()) - 2**31  # a signed 32-bit key per study
+            engine = create_engine(self.url, poolclass=NullPool)
+            conn = engine.connect()  # the lock ends with this session, however the driver ends
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+
+            def release() -> None:
+                try:
+                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                finally:
+                    conn.close()
+                    engine.dispose()
+            self._release = release
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+        return False
+
+
+def recover_interrupted(study: optuna.Study, lock: StudyLock | None = None,
+                        others_only: bool = False) -> list[int]:
+    """Mark trials left RUNNING by a driver that is gone FAIL ("interrupted") and enqueue their configs again.
+
+    `lock`: the study's `StudyLock` (several drivers); `others_only`: leave this driver's own trials alone
+    (a running driver taking over a dead driver's trials)."""
     numbers = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not _driver_gone(t):
-            continue
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted")
-        study.tell(t.number, state=TrialState.FAIL)
-        requeue(study, t)
-        numbers.append(t.number)
+    with lock or contextlib.nullcontext():
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if not _driver_gone(t) or (others_only and t.user_attrs.get("driver") == driver_id()):
+                continue
+            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted")
+            study.tell(t.number, state=TrialState.FAIL)
+            requeue(study, t)
+            numbers.append(t.number)
     return numbers
 
 
