@@ -51,7 +51,9 @@ def test_knn_features_are_computed_in_fp32_whatever_the_training_precision(monke
         return extract(*args, **kwargs)
 
     monkeypatch.setattr(engine, "extract_features", recording)
-    result = engine.train(tiny_config(budget__steps=2, system__precision="bf16"))
+    # fp16, not bf16: on AVX2 CPUs bf16 convolutions now and then return non-finite weight gradients
+    # (docs/results.md), which would fail the run for a reason this test is not about
+    result = engine.train(tiny_config(budget__steps=2, system__precision="fp16"))
     assert result.status == "ok" and seen and not any(seen)
 
 

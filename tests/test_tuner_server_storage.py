@@ -117,9 +117,11 @@ def _start_driver(path: Path, url: str, address: str, log: Path) -> subprocess.P
 
 
 def _two_driver_space(tiny_space, folder: Path, name: str) -> Path:
-    # one CPU per trial, so each driver's trial runs beside the other's on the session's 2-CPU Ray
+    # one CPU per trial and one trial at a time per driver, so each driver's trial runs beside the other's
+    # on the session's 2-CPU Ray
     return tiny_space(folder, name, params={"crops.local_crops": {"choices": GRID}}, sampler={"name": "grid"},
-                      budget={"n_trials": 2 + len(GRID)}, ray={"torch_threads": 1, "resources_per_trial": {"cpu": 1}})
+                      budget={"n_trials": 2 + len(GRID)}, ray={"torch_threads": 1, "resources_per_trial": {"cpu": 1},
+                                                                "max_concurrent_trials": 1})
 
 
 def _table(study: optuna.Study) -> str:
