@@ -34,9 +34,15 @@ RUNG = "rung"
 CHECKPOINT = "checkpoint.pt"
 
 
+def study_folder(study_name: str) -> Path:
+    """The study's own folder, `studies/<name>/` (absolute: trials run in Ray's own folders): Ray's run
+    folders by default, and the trials' checkpoints."""
+    return Path("studies").resolve() / study_name
+
+
 def trials_root(study_name: str) -> Path:
-    """Where a study's trials leave their checkpoints (absolute: trials run in Ray's own folders)."""
-    return Path("studies").resolve() / study_name / "trials"
+    """Where a study's trials leave their checkpoints."""
+    return study_folder(study_name) / "trials"
 
 
 def trial_dir(study_name: str, number: int) -> Path:
@@ -134,11 +140,14 @@ def promote(study: optuna.Study, space, say: Callable[[str], None] = lambda _: N
 
 def _rung_judge(space, knns: list[float], initials: list[Any], steps: int) -> dict[str, Any]:
     """The baseline's kNN at a rung, the tolerance there, and whether the check has power there."""
+    from tuner.searcher import seed_moves
+
     mean = statistics.fmean(knns)
     noise = (max(knns) - min(knns)) if len(knns) > 1 else None
     tolerance = max(space.constraints.knn_tolerance_points, noise or 0.0)
-    moves = [k - float(i) for k, i in zip(knns, initials) if i is not None]
-    calibrated = len(knns) > 1 and len(moves) == len(knns) and min(moves) > (noise or 0.0)
+    found = seed_moves(knns, initials)
+    moves = found[0] if found else []
+    calibrated = found is not None and min(moves) > found[1]
     if calibrated:
         text = (f"it rose {statistics.fmean(moves):+.1f} points at every seed, beyond their spread ({noise:.1f}): "
                 f"candidates more than {tolerance:.1f} points below it are pruned")

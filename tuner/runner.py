@@ -12,7 +12,7 @@ import ray
 from ray import tune
 
 from trainer.config import ConfigError
-from tuner.promotion import promote
+from tuner.promotion import promote, study_folder
 from tuner.pruning import PruningBridge, PruningScheduler
 from tuner.searcher import StudySearcher, update_baseline_stats
 from tuner.space import SearchSpace
@@ -69,7 +69,7 @@ def _drive(space: SearchSpace, url: str, n_trials: int | None, timeout_s: float 
     if n_trials is not None and done >= n_trials:
         say(f"study {space.name} already has {done} of {n_trials} trials; raise --n-trials to continue")
     else:
-        _search(space, study, bridge, url, n_trials, timeout_s, address, say, done)
+        _search(space, study, bridge, lock, url, n_trials, timeout_s, address, say, done)
     if space.trial.rungs:
         promote(study, space, say)
     if confirm_rounds > 0:
@@ -77,8 +77,8 @@ def _drive(space: SearchSpace, url: str, n_trials: int | None, timeout_s: float 
     return summarize(study, url)
 
 
-def _search(space: SearchSpace, study, bridge: PruningBridge, url: str, n_trials: int | None, timeout_s: float | None,
-            address: str | None, say: Callable[[str], None], done: int) -> None:
+def _search(space: SearchSpace, study, bridge: PruningBridge, lock: StudyLock, url: str, n_trials: int | None,
+            timeout_s: float | None, address: str | None, say: Callable[[str], None], done: int) -> None:
     """The search itself: trials through Ray Tune until the study's budget is spent."""
     started_ray = _init_ray(address or space.ray.address)
     try:
@@ -86,9 +86,9 @@ def _search(space: SearchSpace, study, bridge: PruningBridge, url: str, n_trials
         say(f"study {space.name}: {done} trials stored, running up to {n_trials or 'unlimited'}"
             f"{f' for at most {timeout_s:.0f} s' if timeout_s else ''}; {resources} per trial, {concurrency} at a time; {url}")
         searcher = StudySearcher(study, space, bridge, n_trials, resources.get("cpu", 1), progress=say,
-                                 show_nodes=len([n for n in ray.nodes() if n.get("Alive")]) > 1, lock=StudyLock(url, space.name))
+                                 show_nodes=len([n for n in ray.nodes() if n.get("Alive")]) > 1, lock=lock)
         shared = space.ray.storage_path
-        ray_dir = (shared if "://" in shared else Path(shared).resolve()) if shared else Path("studies").resolve() / space.name
+        ray_dir = (shared if "://" in shared else Path(shared).resolve()) if shared else study_folder(space.name)
         tuner = tune.Tuner(
             tune.with_resources(run_trial, resources),
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=PruningScheduler(bridge), num_samples=-1,
@@ -100,7 +100,7 @@ def _search(space: SearchSpace, study, bridge: PruningBridge, url: str, n_trials
         with _quiet_ray():
             tuner.fit()
     finally:
-        left = recover_interrupted(study, StudyLock(url, space.name))  # still running when Ray stopped (time limit, Ctrl-C)
+        left = recover_interrupted(study, lock)  # still running when Ray stopped (time limit, Ctrl-C)
         if left:
             say(f"trials {left} did not finish: queued to run again next time")
         if started_ray:

@@ -385,6 +385,14 @@ def update_baseline_stats(study: optuna.Study, space: SearchSpace) -> None:
         study.set_user_attr("quality_warning", None)
 
 
+def seed_moves(finals: list[float], initials: list[float | None]) -> tuple[list[float], float] | None:
+    """Each baseline seed's kNN rise (final - initial) and the spread of the finals between seeds; None with
+    fewer than 2 seeds or a missing initial value. The kNN check has power where every rise exceeds the spread."""
+    if len(finals) < 2 or any(i is None for i in initials):
+        return None
+    return [f - float(i) for f, i in zip(finals, initials)], max(finals) - min(finals)
+
+
 def knn_power(trials: list, metric: str, steps: int | None) -> dict[str, Any]:
     """Whether this study's kNN check can tell a harmful method change from a harmless one at all.
 
@@ -393,16 +401,15 @@ def knn_power(trials: list, metric: str, steps: int | None) -> dict[str, Any]:
     trial learned. Where the baseline rose but not enough, a straight line through its kNN before and
     after training estimates the budget at which the rise would clear the noise.
     """
-    finals = [float(t.values[1]) for t in trials]
-    initials = [t.user_attrs.get(f"{metric}_initial") for t in trials]
+    found = seed_moves([float(t.values[1]) for t in trials], [t.user_attrs.get(f"{metric}_initial") for t in trials])
     out: dict[str, Any] = {"calibrated": False, "seeds": len(trials), "budget_steps": steps, "needed_steps": None,
                            "moved_points": None, "noise_points": None}
-    if len(trials) < 2 or any(i is None for i in initials):
+    if found is None:
         out["text"] = ("method changes are unmeasured at this budget: the baseline ran at one seed, so the kNN noise "
                        "is unknown (constraints.knn_noise_seeds >= 2)")
         return out
-    moves = [f - float(i) for f, i in zip(finals, initials)]
-    moved, noise = statistics.fmean(moves), max(finals) - min(finals)
+    moves, noise = found
+    moved = statistics.fmean(moves)
     out.update(moved_points=moved, noise_points=noise)
     if min(moves) > noise:
         out["calibrated"] = True

@@ -111,14 +111,6 @@ def _check_server(url: str) -> None:
         engine.dispose()
 
 
-def study_exists(url: str, name: str) -> bool:
-    """Whether `url` holds a study called `name` (reads only; never creates a database file)."""
-    for prefix in ("sqlite:///", JOURNAL):
-        if url.startswith(prefix) and not Path(url[len(prefix):]).exists():
-            return False
-    return any(s.study_name == name for s in optuna.get_all_study_summaries(storage_for(url)))
-
-
 @contextlib.contextmanager
 def driver_lock(url: str, name: str):
     """Hold the one-driver lock of a SQLite study while `tuner run` drives it.
