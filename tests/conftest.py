@@ -45,6 +45,20 @@ def write_tiny_space(folder: Path, space_name: str, **sections) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def warm_start_cache(tmp_path_factory):
+    """The built-in warm start's cache (`model.init: supervised`) in a temporary folder, never the home folder;
+    subprocesses (Ray's trial workers, CLI runs) inherit it."""
+    folder = tmp_path_factory.mktemp("warm_start_cache")
+    old = os.environ.get("TRAINER_CACHE")
+    os.environ["TRAINER_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("TRAINER_CACHE", None)
+    else:
+        os.environ["TRAINER_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_space():
     """The `write_tiny_space(folder, name, **sections)` helper."""

@@ -124,10 +124,24 @@ class ModelConfig(_Strict):
         "state_dict file with torchvision's key names (fc.* ignored; DINO's module./backbone. prefixes "
         "stripped), a trainer run folder or its checkpoint.pt (its teacher backbone), or a torchvision "
         "weights name such as ResNet18_Weights.IMAGENET1K_V1 (from $TORCH_HOME/hub/checkpoints, downloaded "
-        "there where the machine can). torchvision's weights fit only resnet18/resnet50 at width 64 with the "
+        "there where the machine can), or `supervised` / `supervised:STEPS` (default 300): the project's own warm "
+        "start, the backbone trained with labels on this run's training split (never the kNN queries), built "
+        "once with progress and cached under $TRAINER_CACHE (default ~/.cache/dino-speed-tuner). torchvision's weights fit only resnet18/resnet50 at width 64 with the "
         "imagenet stem. `trainer export-backbone` writes the other direction.",
     )
     head: HeadConfig = Field(default_factory=HeadConfig)
+
+    @field_validator("init")
+    @classmethod
+    def _builtin_init(cls, v: str | None) -> str | None:
+        from trainer.pretrain import PREFIX, parse_steps
+
+        if v is not None and v.startswith(PREFIX) and not Path(v).exists():
+            try:
+                parse_steps(v)
+            except ConfigError as exc:
+                raise ValueError(str(exc).split(": ", 2)[-1]) from None
+        return v
 
 
 class LossConfig(_Strict):
@@ -428,7 +442,7 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         allowed = sorted(section.model_fields) if isinstance(section, type) and issubclass(section, BaseModel) else []
         hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
         return f"{source}: unknown field {loc!r}{hint}{close_keys_hint(str(err['loc'][-1]), allowed)}"
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
     if kind == "literal_error":
         msg = msg.replace("Input should be", "must be")
     extra = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""

@@ -11,7 +11,9 @@ uses, without `fc` (DINO's own evaluation sets `fc = nn.Identity()`, and so does
   DINO writes them, stripped), or a DINO checkpoint (its `teacher` entry is taken);
 - a `trainer` checkpoint (a run folder or its `checkpoint.pt`): its teacher backbone;
 - a torchvision weights name such as `ResNet18_Weights.IMAGENET1K_V1`, read from the torch hub cache
-  (`$TORCH_HOME/hub/checkpoints`) or downloaded there where the machine can.
+  (`$TORCH_HOME/hub/checkpoints`) or downloaded there where the machine can;
+- `supervised` or `supervised:STEPS`: the project's own warm start, trained with labels on the run's
+  training split, built once and cached (`trainer.pretrain`).
 
 Only torchvision's own shapes fit torchvision's weights: resnet18/resnet50 at `model.width: 64` with the
 `imagenet` stem. The project's narrower widths and small/cifar stems have the same key names but other
@@ -31,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from trainer.config import ConfigError, ModelConfig
+from trainer.pretrain import is_builtin, warm_backbone_file
 
 CHECKPOINT = "checkpoint.pt"  # a run folder's checkpoint (trainer.engine writes it under this name)
 WEIGHTS_NAME = re.compile(r"^\w+_Weights\.\w+$")
@@ -59,13 +62,21 @@ def _torchvision_part(backbone: nn.Module) -> tuple[nn.Module, str, str]:
 
 # ---- in: model.init -------------------------------------------------------------------------------
 
-def load_init(backbone: nn.Module, model: ModelConfig) -> str:
+def load_init(backbone: nn.Module, model: ModelConfig, cfg=None) -> str:
     """Load `model.init` into `backbone` in place (before student and teacher are made from it).
 
+    `cfg` (the whole TrainConfig) is needed only by the built-in warm start (`supervised[:STEPS]`, see
+    `trainer.pretrain`), which is trained on the run's own training split and cached.
     Returns one line saying what was loaded; raises a one-line `ConfigError` for a missing file, an
     unknown weights name, keys that do not match, or shapes that do not fit.
     """
     spec = str(model.init)
+    if is_builtin(spec):
+        if cfg is None:
+            raise ConfigError(f"model.init: {spec!r} is built from the run's data; it needs the whole config")
+        path = warm_backbone_file(cfg)
+        _load_checked(backbone, _read(path), str(path), model, "")
+        return f"{spec}: the cached warm backbone {path}"
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / CHECKPOINT).is_file():

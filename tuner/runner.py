@@ -12,9 +12,10 @@ import ray
 from ray import tune
 
 from trainer.config import ConfigError
+from trainer.pretrain import is_builtin, warm_backbone_file
 from tuner.promotion import promote, study_folder
 from tuner.pruning import PruningBridge, PruningScheduler
-from tuner.searcher import StudySearcher, update_baseline_stats
+from tuner.searcher import StudySearcher, trial_config, update_baseline_stats
 from tuner.space import SearchSpace
 from tuner.study import StudyLock, check_storage_url, counted_trials, driver_lock, open_study, recover_interrupted
 from tuner.summary import StudySummary, summarize
@@ -64,6 +65,7 @@ def _drive(space: SearchSpace, url: str, n_trials: int | None, timeout_s: float 
         say(f"trials {rerun} were interrupted earlier: marked FAIL (interrupted) and queued to run again")
     with lock:
         update_baseline_stats(study, space)
+    _warm_start(space, say)
     bridge = _bridge_with_history(space, study)
     done = len(counted_trials(study))
     if n_trials is not None and done >= n_trials:
@@ -75,6 +77,14 @@ def _drive(space: SearchSpace, url: str, n_trials: int | None, timeout_s: float 
     if confirm_rounds > 0:
         confirm_winner(study, confirm_rounds, say, address or space.ray.address)
     return summarize(study, url)
+
+
+def _warm_start(space: SearchSpace, say: Callable[[str], None]) -> None:
+    """Build the built-in warm start (`model.init: supervised`) here, with its progress, before the trials
+    on this machine need it (it is cached; trials on other machines of a cluster build their own once)."""
+    cfg = trial_config(space, {}, "baseline", None)
+    if is_builtin(cfg.model.init):
+        warm_backbone_file(cfg, say)
 
 
 def _search(space: SearchSpace, study, bridge: PruningBridge, lock: StudyLock, url: str, n_trials: int | None,
