@@ -1,4 +1,4 @@
-"""The trainer's compute-only DINO step against the same step built from lightly's modules.
+"""The trainer's compute-only DINO step against the official recipe's step and lightly's.
 
 Not a test. Both sides get the same pre-made crops (random tensors of the crop sizes; no data loading,
 no augmentation) and do one full optimizer step: teacher forward on the global crops, student forward on
@@ -9,7 +9,8 @@ all crops, DINO loss, backward, AdamW, teacher EMA.
   once on all crops, DINO's per-parameter gradient clipping, AdamW, foreach EMA);
 - lightly: torchvision ResNet-18 + `lightly.models.modules.DINOProjectionHead` + `lightly.loss.DINOLoss`,
   student and teacher updated with `lightly.models.utils.update_momentum`, AdamW, in the loop of lightly's
-  DINO example: one backbone and head forward per crop.
+  DINO example: one backbone and head forward per crop;
+- official (the main column): the step of facebookresearch/dino's main_dino.py, rebuilt (see `Official`).
 
 Rounds alternate A/B (and the order within a round) so drift on a shared machine hits both sides alike;
 the table reports the median over rounds. `--profile` adds our per-phase times (the engine's PhaseTimer).
@@ -91,6 +92,105 @@ class Ours:
         return loss
 
 
+class Official:
+    """The official recipe's step (facebookresearch/dino, main_dino.py), rebuilt from its description here.
+
+    What it does per step, as that code does it: a multi-crop wrapper that runs the backbone once per
+    resolution and the head once on all features; a head whose last layer uses the hook-based
+    `nn.utils.weight_norm` with the gain frozen at 1; the loss as a loop over (teacher view, student view)
+    pairs, each pair taking its own log-softmax of the student's view; `zero_grad`, `backward`, per-parameter
+    gradient clipping in a Python loop (a norm, `.item()`, and a multiply where the coefficient is below 1);
+    AdamW over two parameter groups (no weight decay on biases and norms); the teacher's EMA as a Python
+    loop of `mul_` and `add_` per parameter; the loss read back with `.item()`.
+    """
+
+    def __init__(self, case: Case, device: torch.device, views: list[torch.Tensor]):
+        import torch.nn as nn
+        import torchvision
+
+        class Head(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.mlp = nn.Sequential(nn.Linear(512, case.hidden_dim), nn.GELU(), nn.Linear(case.hidden_dim, case.hidden_dim),
+                                         nn.GELU(), nn.Linear(case.hidden_dim, 256))
+                with warnings.catch_warnings():  # the official head uses the deprecated hook-based weight_norm
+                    warnings.simplefilter("ignore")
+                    self.last_layer = nn.utils.weight_norm(nn.Linear(256, case.out_dim, bias=False))
+                self.last_layer.weight_g.data.fill_(1)
+                self.last_layer.weight_g.requires_grad = False
+
+            def forward(self, x):
+                return self.last_layer(nn.functional.normalize(self.mlp(x), dim=-1, p=2))
+
+        class Wrapper(nn.Module):
+            def __init__(self, backbone, head):
+                super().__init__()
+                backbone.fc = nn.Identity()
+                self.backbone, self.head = backbone, head
+
+            def forward(self, x):
+                sizes = torch.tensor([v.shape[-1] for v in x])
+                ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0)
+                start, out = 0, torch.empty(0).to(x[0].device)
+                for end in ends:
+                    out = torch.cat((out, self.backbone(torch.cat(x[start:end]))))
+                    start = end
+                return self.head(out)
+
+        torch.manual_seed(0)
+        self.student = Wrapper(torchvision.models.resnet18(weights=None), Head()).to(device)
+        self.teacher = Wrapper(torchvision.models.resnet18(weights=None), Head()).to(device)
+        self.teacher.load_state_dict(self.student.state_dict())
+        for p in self.teacher.parameters():
+            p.requires_grad = False
+        regularized = [p for n, p in self.student.named_parameters() if p.requires_grad and not (n.endswith(".bias") or p.ndim == 1)]
+        plain = [p for n, p in self.student.named_parameters() if p.requires_grad and (n.endswith(".bias") or p.ndim == 1)]
+        self.optimizer = torch.optim.AdamW([{"params": regularized}, {"params": plain, "weight_decay": 0.0}])
+        self.lr, self.wd, self.m, self.clip = 5e-4 * case.batch / 256, 0.04, 0.996, 3.0
+        self.center = torch.zeros(1, case.out_dim, device=device)
+        self.views, self.n_global, self.n_views = views, case.global_crops, len(views)
+        self.images_per_step = case.batch
+
+    def loss(self, student_output, teacher_output):
+        student_out = (student_output / 0.1).chunk(self.n_views)
+        teacher_out = torch.softmax((teacher_output - self.center) / 0.04, dim=-1).detach().chunk(self.n_global)
+        total, terms = 0, 0
+        for iq, q in enumerate(teacher_out):
+            for v in range(self.n_views):
+                if v != iq:
+                    total += torch.sum(-q * torch.log_softmax(student_out[v], dim=-1), dim=-1).mean()
+                    terms += 1
+        total /= terms
+        with torch.no_grad():
+            batch_center = torch.sum(teacher_output, dim=0, keepdim=True) / len(teacher_output)
+            self.center = self.center * 0.9 + batch_center * 0.1
+        return total
+
+    def step(self) -> float:
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = self.lr
+            if i == 0:
+                group["weight_decay"] = self.wd
+        teacher_output = self.teacher(self.views[: self.n_global])
+        student_output = self.student(self.views)
+        loss = self.loss(student_output, teacher_output)
+        loss.item()  # the official step checks math.isfinite(loss.item()) here
+        self.optimizer.zero_grad()
+        loss.backward()
+        for p in self.student.parameters():
+            if p.grad is not None:
+                norm = p.grad.data.norm(2)
+                norm.item()  # the official clip_gradients collects every norm as a Python float
+                coef = self.clip / (norm + 1e-6)
+                if coef < 1:
+                    p.grad.data.mul_(coef)
+        self.optimizer.step()
+        with torch.no_grad():
+            for q, k in zip(self.student.parameters(), self.teacher.parameters()):
+                k.data.mul_(self.m).add_((1 - self.m) * q.detach().data)
+        return loss.item()
+
+
 class Lightly:
     """lightly's modules in the loop of its DINO example (one forward per crop)."""
 
@@ -148,23 +248,35 @@ def time_steps(impl, steps: int, device: torch.device) -> float:
     return steps * impl.images_per_step / (time.perf_counter() - t0)
 
 
-def bench_case(case: Case, device: torch.device, rounds: int, steps: int, warmup: int, profile: bool) -> dict:
+def bench_case(case: Case, device: torch.device, rounds: int, steps: int, warmup: int, profile: bool,
+               torch_profile: bool = False) -> dict:
     views = make_views(case, device)
-    impls = {"ours": Ours(case, device.type, views), "lightly": Lightly(case, device, views)}
+    impls = {"ours": Ours(case, device.type, views), "official": Official(case, device, views),
+             "lightly": Lightly(case, device, views)}
     ours_n = sum(p.numel() for p in impls["ours"].run.student.parameters())
     lightly_n = sum(p.numel() for m in (impls["lightly"].student_backbone, impls["lightly"].student_head)
                     for p in m.parameters())
-    assert ours_n == lightly_n, f"not the same model: {ours_n} vs {lightly_n} student parameters"
+    official_n = sum(p.numel() for p in impls["official"].student.parameters())
+    assert ours_n == lightly_n == official_n, f"not the same model: {ours_n} vs {official_n} vs {lightly_n} student parameters"
     for impl in impls.values():
         for _ in range(warmup):
             impl.step()
     rates: dict[str, list[float]] = {name: [] for name in impls}
     for r in range(rounds):
-        order = list(impls) if r % 2 == 0 else list(reversed(impls))
+        order = list(impls)[r % len(impls):] + list(impls)[:r % len(impls)]  # each side first in turn
         for name in order:
             rates[name].append(time_steps(impls[name], steps, device))
     result = {name: statistics.median(v) for name, v in rates.items()}
     result["rounds"] = rates
+    if torch_profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profiler
+
+        result["torch_profile"] = {}
+        for name in ("ours", "official"):
+            with torch_profiler(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    impls[name].step()
+            result["torch_profile"][name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
     if profile:
         run = impls["ours"].run
         run.timer.reset()
@@ -186,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on the CPU (0: torch's default)")
     p.add_argument("--profile", action="store_true", help="also print our per-phase ms per step")
+    p.add_argument("--torch-profile", action="store_true", help="also print torch.profiler's top operators, ours and official")
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -198,16 +311,21 @@ def main(argv: list[str] | None = None) -> int:
     for key in args.cases.split(","):
         case = CASES[key.strip()]
         t0 = time.perf_counter()
-        res = bench_case(case, device, args.rounds, args.steps, args.warmup, args.profile)
+        res = bench_case(case, device, args.rounds, args.steps, args.warmup, args.profile, args.torch_profile)
+        for name, text in res.get("torch_profile", {}).items():
+            print(f"torch.profiler, {name}, {case.name}, {args.steps} steps:\n{text}", flush=True)
         spread = lambda v: (max(v) - min(v)) / statistics.median(v)  # noqa: E731
-        rows.append((case.name, res["ours"], res["lightly"], f"{res['ours'] / res['lightly']:.2f}x",
-                     f"{100 * spread(res['rounds']['ours']):.0f}% / {100 * spread(res['rounds']['lightly']):.0f}%",
+        ratio = [o / f for o, f in zip(res["rounds"]["ours"], res["rounds"]["official"])]
+        rows.append((case.name, res["ours"], res["official"], f"{res['ours'] / res['official']:.2f}x",
+                     f"{min(ratio):.2f}-{max(ratio):.2f}", res["lightly"], f"{res['ours'] / res['lightly']:.2f}x",
+                     f"{100 * spread(res['rounds']['ours']):.0f}% / {100 * spread(res['rounds']['official']):.0f}%",
                      f"{time.perf_counter() - t0:.0f}"))
         if "phases_ms" in res:
             profiles.append((case.name, res["phases_ms"]))
         print(f"  done {case.name}", flush=True)
     print()
-    print(format_table(["case", "ours img/s", "lightly img/s", "ours/lightly", "spread ours/lightly", "case s"], rows))
+    print(format_table(["case", "ours img/s", "official img/s", "ours/official", "per round", "lightly img/s",
+                        "ours/lightly", "spread ours/official", "case s"], rows))
     for name, phases in profiles:
         total = sum(phases.values())
         print()
