@@ -17,7 +17,8 @@ NODE = {"node_id": "abcdef1234567890", "node_ip": "10.0.0.2", "device": "NVIDIA 
 
 
 def _mixed(stored_study):
-    """Baseline 100 img/s on cpu/Test CPU; trial 1 there at 150; trial 2 on an A100 at 600; trial 3 on an H100 at 900."""
+    """Baseline 100 img/s on cpu/Test CPU; trial 1 there at 150; trial 2 on an A100 at 600; trial 3 on an H100 at
+    900; trial 4 failed on a V100."""
     s = stored_study("mixed")
     base = TrainConfig()
     s.add("baseline", base.to_dict(), throughput=100.0, knn=20.0)
@@ -25,6 +26,8 @@ def _mixed(stored_study):
     for local_crops, throughput, kind in ((4, 600.0, A100), (6, 900.0, H100)):
         s.add("search", base.with_overrides({"crops.local_crops": local_crops}).to_dict(), throughput=throughput,
               knn=20.0, attrs={"hardware": {**s.HARDWARE, **kind}})
+    # measured nothing, so no speedup to compare: its hardware is no kind of the study's speedups
+    s.add("search", fail_reason="error", attrs={"hardware": {**s.HARDWARE, "device": "NVIDIA V100"}})
     return s
 
 
@@ -39,7 +42,8 @@ def test_each_trial_s_speedup_is_against_the_baseline_measured_on_its_own_kind_o
 
     study = _measured(_mixed(stored_study))
     trials = study.trials
-    assert [speedup_of(study, t) for t in trials] == pytest.approx([1.0, 1.5, 600.0 / 400.0, 9.0])
+    assert [speedup_of(study, t) for t in trials[:4]] == pytest.approx([1.0, 1.5, 600.0 / 400.0, 9.0])
+    assert speedup_of(study, trials[4]) is None
     # the A100 trial's stored speedup (against the cpu baseline) was 6.0: the machine, not the knob
     assert trials[2].user_attrs["speedup"] == pytest.approx(6.0)
     assert kind_baselines(study) == {"cpu, Test CPU": {"throughput": 100.0, "trial": 0},
@@ -57,9 +61,9 @@ def test_status_names_each_kind_and_its_baseline_and_flags_trials_on_a_kind_with
     from tuner.summary import format_status, summarize
 
     summary = summarize(_measured(_mixed(stored_study)))
-    assert [r.speedup for r in summary.trials] == pytest.approx([1.0, 1.5, 1.5, 9.0])
+    assert [r.speedup for r in summary.trials[:4]] == pytest.approx([1.0, 1.5, 1.5, 9.0])
     assert [r.hardware_kind for r in summary.trials] == ["cpu, Test CPU", "cpu, Test CPU", "NVIDIA A100, Other CPU",
-                                                        "NVIDIA H100, Gone CPU"]
+                                                        "NVIDIA H100, Gone CPU", "NVIDIA V100, Test CPU"]
     status = format_status(summary)
     assert LINE in status.splitlines()
     assert ("warning: no baseline measured on NVIDIA H100, Gone CPU (trials 3): their speedups are against the "
@@ -151,7 +155,7 @@ def test_the_driver_measures_the_baseline_once_on_each_other_kind_and_warns_wher
     stored = study.user_attrs["baselines_by_kind"]
     assert list(stored) == ["NVIDIA A100, Other CPU"] == list(done)
     assert stored["NVIDIA A100, Other CPU"]["throughput"] == 400.0 and stored["NVIDIA A100, Other CPU"]["node"] == NODE
-    assert [speedup_of(study, t) for t in study.trials] == pytest.approx([1.0, 1.5, 1.5, 9.0])
+    assert [speedup_of(study, t) for t in study.trials[:4]] == pytest.approx([1.0, 1.5, 1.5, 9.0])
     # a later run measures only the kind still without a baseline
     asked.clear()
     measure_kind_baselines(study, space, lines.append, "10.0.0.1:6379")

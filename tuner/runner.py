@@ -146,7 +146,10 @@ def measure_kind_baselines(study, space: SearchSpace, say: Callable[[str], None]
             f"{space.ray.workers_per_trial} processes and a re-measurement one: their speedups stay against the "
             "baseline trial")
         return {}
-    threads = space.ray.torch_threads or int(_resources(space, _nodes())[0].get("cpu", 1))  # as the trials had
+    try:  # torch threads as the trials had them
+        threads = space.ray.torch_threads or int(_resources(space, _nodes())[0].get("cpu", 1))
+    except ConfigError:  # no node fits a trial any more: the measuring node's own CPUs
+        threads = space.ray.torch_threads
     done: dict[str, dict] = {}
     for kind, trials in missing.items():
         numbers = ", ".join(str(t.number) for t in trials)
@@ -176,8 +179,8 @@ def measure_kind_baselines(study, space: SearchSpace, say: Callable[[str], None]
     return done
 
 
-def _local_measure(threads: int):
-    """`tuner.remeasure.local_measure` with torch at `threads` threads during each measurement."""
+def _local_measure(threads: int | None):
+    """`tuner.remeasure.local_measure` with torch at `threads` threads (if given) during each measurement."""
     import torch
 
     from tuner.remeasure import local_measure
@@ -186,7 +189,7 @@ def _local_measure(threads: int):
 
     def with_threads(config):
         before = torch.get_num_threads()
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads or before)
         try:
             return measure(config)
         finally:

@@ -75,10 +75,10 @@ def speedup_of(study: optuna.Study, t: FrozenTrial, measured: dict[str, Any] | N
 
 
 def kind_baselines(study: optuna.Study) -> dict[str, dict[str, Any] | None]:
-    """Every kind of hardware the study's trials ran on, with the baseline throughput their speedups are
-    against: the baseline trial's own for its kind, the measurement after the search for the others, None
-    where none was made (those trials' speedups are still against the baseline trial's hardware). Empty
-    until the baseline has completed; one entry on a single kind of machine."""
+    """Every kind of hardware the study's trials measured a throughput on, with the baseline throughput
+    their speedups are against: the baseline trial's own for its kind, the measurement after the search
+    for the others, None where none was made (those trials' speedups are still against the baseline
+    trial's hardware). Empty until the baseline has completed; one entry on a single kind of machine."""
     base = baseline_trial(study)
     base_kind = trial_kind(study, base) if base is not None else None
     if base_kind is None:
@@ -86,7 +86,9 @@ def kind_baselines(study: optuna.Study) -> dict[str, dict[str, Any] | None]:
     measured = study.user_attrs.get("baselines_by_kind") or {}
     kinds: dict[str, dict[str, Any] | None] = {base_kind: {"throughput": base.values[0], "trial": base.number}}
     for t in study.get_trials(deepcopy=False):
-        kind = trial_kind(study, t) if t.user_attrs.get("role") != "rung" else None  # a rung is its parent's kind
+        if t.user_attrs.get("throughput_img_s") is None or t.user_attrs.get("role") == "rung":
+            continue  # no speedup to compare; a rung record is its parent's kind
+        kind = trial_kind(study, t)
         if kind is not None and kind not in kinds:
             kinds[kind] = measured.get(kind)
     return kinds
@@ -165,7 +167,8 @@ def summarize(study: optuna.Study, storage_url: str = "") -> StudySummary:
     kinds, measured = kind_baselines(study), attrs.get("baselines_by_kind") or {}
     base_kind = next(iter(kinds), None)
     for kind in [k for k, rec in kinds.items() if rec is None]:
-        numbers = [t.number for t in trials if t.user_attrs.get("hardware") and trial_kind(study, t) == kind]
+        numbers = [t.number for t in trials if t.user_attrs.get("throughput_img_s") is not None
+                   and t.user_attrs.get("role") != "rung" and trial_kind(study, t) == kind]
         warnings.append(f"no baseline measured on {kind} (trials {', '.join(map(str, numbers))}): their speedups are "
                         f"against the baseline trial on {base_kind}, which mixes the knob with the machine; `tuner run` "
                         "measures it after its search while a node of that kind is in the cluster (--address)")
