@@ -160,7 +160,8 @@ def measure_kind_baselines(study, space: SearchSpace, say: Callable[[str], None]
                 measure, node = _local_measure(threads)
                 if hardware_kind(node) != kind:
                     raise ConfigError(f"no --address, and this machine is {hardware_kind(node)}")
-            where = f"node {node['node_id'][:8]} ({node['node_ip']})" if node.get("node_id") else f"this machine ({node.get('host')})"
+            where = (f"node {node['node_id'][:8]} ({node['node_ip']})" if node.get("node_id")
+                     else f"this machine ({node.get('host')})")
             say(f"trials {numbers} ran on {kind}, the baseline on {base_kind}: measuring the baseline "
                 f"(trial {base.number}) on {where}")
             throughput = measure(measured_config(study, base))
