@@ -47,6 +47,7 @@ def test_a_study_on_a_two_node_cluster_runs_one_trial_per_node_and_stores_each_t
     assert [p.name[:4] for p in (tmp_path / "shared-results").iterdir()] == ["run-"]  # ray.storage_path
     lines = [line for line in driver.stdout.splitlines() if line.startswith("trial ")]
     assert len(lines) == 6 and all(" on node " in line for line in lines)
+    assert "measuring the baseline" not in driver.stdout  # one kind of hardware: its baseline trial is the reference
     status = subprocess.run([sys.executable, "-m", "tuner.cli", "status", "cluster"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120)
     per_node = [line for line in status.stdout.splitlines() if line.startswith("trials per node: ")]
@@ -76,7 +77,7 @@ def test_an_unreachable_address_is_one_line_and_leaves_no_study(tiny_space, tmp_
     assert not (tmp_path / "studies" / "nowhere.db").exists()
 
 
-def _stored_tiny_study(stored_study, tmp_path, tiny_space, hardware):
+def _stored_tiny_study(stored_study, tmp_path, tiny_space, hardware, search_hardware=None):
     from tuner.searcher import trial_config
     from tuner.space import SearchSpace
     from tuner.study import baseline_params
@@ -88,7 +89,7 @@ def _stored_tiny_study(stored_study, tmp_path, tiny_space, hardware):
     s.add("baseline", trial_config(space, params, "baseline", space.base_config().system.seed).to_dict(), params,
           throughput=100.0, knn=20.0)
     s.add("search", trial_config(space, {"crops.local_crops": 0}, "search", None).to_dict(), {"crops.local_crops": 0},
-          throughput=200.0, knn=20.0)
+          throughput=200.0, knn=20.0, attrs={"hardware": search_hardware} if search_hardware else None)
     return s
 
 
@@ -118,6 +119,27 @@ def test_confirm_with_an_address_refuses_when_no_node_has_the_study_s_hardware(t
     assert done.returncode == 2 and len(err) == 1
     assert "no node has the study's hardware (NVIDIA H100, Test CPU); the cluster has: cpu, " in err[0]
     assert "confirm" not in optuna.load_study(study_name="remote", storage=s.url).user_attrs
+
+
+def test_the_baseline_is_measured_on_the_cluster_node_of_a_kind_only_search_trials_ran_on(two_node_cluster, stored_study,
+                                                                                        tiny_space, tmp_path):
+    from tuner.study import hardware_fingerprint
+    from tuner.summary import hardware_kind, speedup_of
+
+    cluster, worker_ids, _ = two_node_cluster
+    here = hardware_fingerprint()  # the cluster's nodes; the baseline trial claims to have run elsewhere
+    s = _stored_tiny_study(stored_study, tmp_path, tiny_space, {**here, "device": "NVIDIA H100"}, search_hardware=here)
+    step = ("import sys, optuna; from tuner.runner import measure_kind_baselines; from tuner.space import SearchSpace; "
+            "measure_kind_baselines(optuna.load_study(study_name='remote', storage=sys.argv[1]), "
+            "SearchSpace.load(sys.argv[2]), print, sys.argv[3])")
+    done = subprocess.run([sys.executable, "-c", step, s.url, str(tmp_path / "remote.yaml"), cluster.address],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    study = optuna.load_study(study_name="remote", storage=s.url)
+    measured = study.user_attrs["baselines_by_kind"][hardware_kind(here)]
+    assert measured["node"]["node_id"] in worker_ids and measured["throughput"] > 0
+    assert f"measuring the baseline (trial 0) on node {measured['node']['node_id'][:8]}" in done.stdout
+    assert speedup_of(study, study.trials[1]) == pytest.approx(200.0 / measured["throughput"])
 
 
 def test_a_trial_of_two_processes_trains_as_one_ddp_job_and_counts_both_ranks_images(ray_session, tiny_space, tmp_path,

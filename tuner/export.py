@@ -8,7 +8,7 @@ import optuna
 
 from trainer.config import TrainConfig
 from tuner.select import baseline_trial, is_feasible, pick
-from tuner.summary import knn_key
+from tuner.summary import kind_baselines, kinds_text, knn_key, speedup_of, trial_kind
 from tuner.verdicts import compile_break_even, verdict
 
 
@@ -25,13 +25,22 @@ def export(study: optuna.Study, policy: str = "fastest", out: str | Path | None 
 def export_header(study: optuna.Study, trial: optuna.trial.FrozenTrial, policy: str) -> str:
     """Study, trial, measured throughput, speedup, kNN (with its noise) and hardware, as comment lines."""
     u, s = trial.user_attrs, study.user_attrs
-    base = baseline_trial(study)
+    base, speedup = baseline_trial(study), speedup_of(study, trial)
+    kinds, kind = kind_baselines(study), trial_kind(study, trial)
     hw = u.get("hardware") or s.get("hardware") or {}
+    against = f"(trial {base.number}, {base.values[0]:.1f} img/s)" if base is not None else ""
+    if len(kinds) > 1 and kinds.get(kind) is not None and "trial" not in kinds[kind]:
+        against = f"measured on its hardware, {kind} ({kinds[kind]['throughput']:.1f} img/s)"
+    elif len(kinds) > 1 and kind in kinds and kinds[kind] is None:
+        against = f"{against}, measured on other hardware ({next(iter(kinds))}): no baseline was measured on {kind}"
     lines = [f"Exported by `tuner export --pick {policy}` from study {study.study_name!r}, trial {trial.number} "
              f"({u.get('role', 'search')}).",
              f"Measured throughput: {u.get('throughput_img_s', 0):.1f} img/s (window spread {100 * (u.get('throughput_spread') or 0):.0f}%)"
-             + (f", study speedup x{u['speedup']:.2f} over the baseline (trial {base.number}, {base.values[0]:.1f} img/s)."
-                if u.get("speedup") is not None and base is not None else ".")]
+             + (f", study speedup x{speedup:.2f} over the baseline {against}."
+                if speedup is not None and base is not None else ".")]
+    per_kind = kinds_text(kinds)
+    if per_kind:
+        lines.append(per_kind[0].upper() + per_kind[1:] + ".")
     key = knn_key(trial)
     if u.get(key) is not None:
         who = "student" if key.startswith("student") else "teacher"

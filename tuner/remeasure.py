@@ -76,11 +76,14 @@ def _measure_task(config: dict, threads: int) -> float:
     return measure_throughput(TrainConfig.from_dict(config, source="measured config"))
 
 
-def on_cluster(address: str, hardware: dict | None, where: str = "--address") -> tuple[Callable[[TrainConfig], float], dict]:
+def on_cluster(address: str, hardware: dict | None, where: str = "--address",
+               threads: int | None = None) -> tuple[Callable[[TrainConfig], float], dict]:
     """A `measure` function that runs each measurement as a Ray task on a node of the cluster at `address`
     whose hardware matches `hardware` (the trial's device and CPU model), taking all of that node's CPUs
     (and one GPU where it has one), so re-measurements happen on the hardware the study was tuned on and
-    never beside another measurement. Returns it with a description of the node (`measured_on`)."""
+    never beside another measurement. Torch uses all those CPUs, or `threads` (as many as the study's
+    trials used, where the measurement is compared with their throughput). Returns it with a
+    description of the node (`measured_on`)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -107,7 +110,7 @@ def on_cluster(address: str, hardware: dict | None, where: str = "--address") ->
 
     def measure(config: TrainConfig) -> float:
         try:
-            return ray.get(task.remote(config.to_dict(), cpus))
+            return ray.get(task.remote(config.to_dict(), threads or cpus))
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
             raise MeasurementFailed(str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__) from None

@@ -28,7 +28,7 @@ from plotly.subplots import make_subplots
 from trainer.events import PHASES
 from tuner.select import baseline_trial, best_feasible, is_feasible, pareto_set
 from tuner.explain import quality_cell
-from tuner.summary import StudySummary, knn_key, summarize
+from tuner.summary import StudySummary, kind_baselines, kinds_text, knn_key, speedup_of, summarize, trial_kind
 from tuner.verdicts import compile_break_even, verdict
 
 STATE_STYLE = {  # marker per trial kind on the Pareto plot
@@ -152,8 +152,8 @@ def headline(study: optuna.Study, s: StudySummary) -> str:
     if confirm.get("speedup_median") is not None and win is not None and confirm.get("trial") == win.number:
         card("confirmed speedup", f"{confirm['speedup_median']:.2f}x",
              f"range {confirm['speedup_min']:.2f}-{confirm['speedup_max']:.2f}x over {confirm['rounds']} interleaved rounds")
-    elif win is not None and win.user_attrs.get("speedup") is not None:
-        card("speedup (unconfirmed)", f"{win.user_attrs['speedup']:.2f}x", "run `tuner confirm` for its spread")
+    elif win is not None and speedup_of(study, win) is not None:
+        card("speedup (unconfirmed)", f"{speedup_of(study, win):.2f}x", "run `tuner confirm` for its spread")
     card("kNN top-1 baseline / winner", f"{_num(knn(base))} / {_num(knn(win))}", "percent")
     if win is not None:
         quality = verdict(study, win)
@@ -175,7 +175,9 @@ def headline(study: optuna.Study, s: StudySummary) -> str:
     hw = s.hardware or {}
     hw_text = ", ".join(f"{k}: {v}" for k, v in hw.items()) or "not recorded"
     warns = "".join(f'<p class="warn">{html.escape(w)}</p>' for w in s.warnings)
-    return f'<div class="cards">{"".join(cards)}</div><p class="note">Hardware: {html.escape(hw_text)}</p>{warns}'
+    per_kind = kinds_text(s.hardware_kinds)
+    kinds = f'<p class="note">{html.escape(per_kind[0].upper() + per_kind[1:])}.</p>' if per_kind else ""
+    return f'<div class="cards">{"".join(cards)}</div><p class="note">Hardware: {html.escape(hw_text)}</p>{kinds}{warns}'
 
 
 def pareto_figure(studies: list[optuna.Study], summaries: list[StudySummary]) -> go.Figure:
@@ -215,7 +217,7 @@ def pareto_figure(studies: list[optuna.Study], summaries: list[StudySummary]) ->
                 else:
                     x.append(t.values[0])
                     y.append(t.values[1])
-                text.append(_hover(t))
+                text.append(_hover(study, t))
             name = {"complete": "feasible", "infeasible": "infeasible (constraint)", "pareto": "Pareto set",
                     "pruned": "pruned (last measured values)", "failed": "failed (no values; on the strip)"}[kind]
             fig.add_trace(go.Scatter(x=x, y=y, mode="markers", name=prefix + name, marker=STATE_STYLE[kind],
@@ -224,7 +226,7 @@ def pareto_figure(studies: list[optuna.Study], summaries: list[StudySummary]) ->
         for kind, t in (("baseline", base), ("winner", win)):
             if t is not None and t.values:
                 fig.add_trace(go.Scatter(x=[t.values[0]], y=[t.values[1]], mode="markers", name=prefix + kind,
-                                         marker=STATE_STYLE[kind], text=[_hover(t)], hovertemplate="%{text}<extra></extra>",
+                                         marker=STATE_STYLE[kind], text=[_hover(study, t)], hovertemplate="%{text}<extra></extra>",
                                          customdata=[t.number]))
         if line is not None and not overlay:
             fig.add_hline(y=line, line_dash="dash", line_color="#2ca02c",
@@ -245,13 +247,14 @@ def _constraint_line(study: optuna.Study) -> float | None:
     return knn - tol if knn is not None and tol is not None else None
 
 
-def _hover(t: FrozenTrial) -> str:
+def _hover(study: optuna.Study, t: FrozenTrial) -> str:
     u = t.user_attrs
     lines = [f"trial {t.number} ({t.state.name.lower()}{', ' + u['role'] if u.get('role') not in (None, 'search') else ''})"]
     if t.values:
         lines.append(f"throughput {t.values[0]:.1f} img/s, kNN {t.values[1]:.1f}%")
-    if u.get("speedup") is not None:
-        lines.append(f"speedup {u['speedup']:.2f}x")
+    speedup = speedup_of(study, t)
+    if speedup is not None:
+        lines.append(f"speedup {speedup:.2f}x")
     reason = u.get("fail_reason") or u.get("prune_reason")
     if reason:
         lines.append(f"reason: {reason}")
@@ -326,13 +329,13 @@ def batch_figure(study: optuna.Study) -> go.Figure | None:
             fig.add_trace(go.Scatter(
                 x=[config_value(t, "optim.batch_size") for t in ok], y=[t.user_attrs.get(key) for t in ok],
                 mode="markers", name=precision, legendgroup=precision, showlegend=col == 1,
-                marker=dict(color=color, size=9), text=[_hover(t) for t in ok], hovertemplate="%{text}<extra></extra>",
+                marker=dict(color=color, size=9), text=[_hover(study, t) for t in ok], hovertemplate="%{text}<extra></extra>",
             ), row=1, col=col)
             if oom:
                 fig.add_trace(go.Scatter(
                     x=[config_value(t, "optim.batch_size") for t in oom], y=[0.0] * len(oom), mode="markers",
                     name=f"{precision} out of memory", legendgroup=precision, showlegend=col == 1,
-                    marker=dict(color=color, symbol="x", size=12), text=[_hover(t) for t in oom],
+                    marker=dict(color=color, symbol="x", size=12), text=[_hover(study, t) for t in oom],
                     hovertemplate="%{text}<extra></extra>",
                 ), row=1, col=col)
     sizes = sorted({config_value(t, "optim.batch_size") for t in trials})
@@ -412,7 +415,10 @@ def trials_table(study: optuna.Study) -> str:
     """Every trial: number, state, params, throughput, speedup, kNN, peak memory, fail or prune reason."""
     trials = study.get_trials(deepcopy=False)
     keys = sorted({k for t in trials for k in t.params})
-    head = ["#", "state", "role"] + keys + ["throughput img/s", "speedup", "kNN top-1", "peak MiB", "reason"]
+    kinds, measured = kind_baselines(study), study.user_attrs.get("baselines_by_kind") or {}
+    several = len(kinds) > 1  # then a hardware column: each speedup is against its own kind's baseline
+    head = (["#", "state", "role"] + keys + ["throughput img/s", "speedup"] + (["hardware"] if several else [])
+            + ["kNN top-1", "peak MiB", "reason"])
     rows = []
     for t in trials:
         u = t.user_attrs
@@ -421,8 +427,12 @@ def trials_table(study: optuna.Study) -> str:
             reason += f": {u['fail_message']}"
         if u.get("fail_step") is not None:
             reason += f" (step {u['fail_step']})"
+        kind = trial_kind(study, t)
+        hardware = [(kind or "") + (" (no baseline here: speedup across hardware)"
+                                    if kind in kinds and kinds[kind] is None else "")] if several else []
         cells = [t.number, t.state.name.lower(), u.get("role", "search")] + [t.params.get(k, "") for k in keys] + [
-            _r(u.get("throughput_img_s")), _r(u.get("speedup"), 2), _r(u.get(knn_key(t))), _r(u.get("peak_memory_mb"), 0), reason]
+            _r(u.get("throughput_img_s")), _r(speedup_of(study, t, measured), 2)] + hardware + [
+            _r(u.get(knn_key(t))), _r(u.get("peak_memory_mb"), 0), reason]
         rows.append("<tr>" + "".join(f'<td data-v="{html.escape(str(c))}">{html.escape(str(c))}</td>' for c in cells) + "</tr>")
     header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     return (f'<p class="note">Click a column to sort.</p><table class="trials"><thead><tr>{header}</tr></thead>'

@@ -72,6 +72,7 @@ def _drive(space: SearchSpace, url: str, n_trials: int | None, timeout_s: float 
         say(f"study {space.name} already has {done} of {n_trials} trials; raise --n-trials to continue")
     else:
         _search(space, study, bridge, lock, url, n_trials, timeout_s, address, say, done)
+    measure_kind_baselines(study, space, say, address or space.ray.address, lock)
     if space.trial.rungs:
         promote(study, space, say)
     if confirm_rounds > 0:
@@ -115,6 +116,96 @@ def _search(space: SearchSpace, study, bridge: PruningBridge, lock: StudyLock, u
             say(f"trials {left} did not finish: queued to run again next time")
         if started_ray:
             ray.shutdown()
+
+
+def measure_kind_baselines(study, space: SearchSpace, say: Callable[[str], None], address: str | None = None,
+                           lock: StudyLock | None = None) -> dict[str, dict]:
+    """Measure the baseline's config (its speed phase, as `tuner confirm` does) once on each other kind of
+    hardware the study's trials completed on, and store it per kind as the study's `baselines_by_kind`.
+
+    A trial's throughput on another machine says as much about the machine as about its knobs; against
+    the baseline measured on its own kind of hardware, its speedup is the knobs' alone
+    (`tuner.summary.speedup_of`). Each kind is measured once per study, with the trials' torch threads,
+    on a node of the cluster at `address` with that hardware (without one, on this machine where it is
+    of that kind). A kind with no such node left, or whose measurement fails, keeps the comparison with
+    the baseline trial and a warning; the run goes on, and a later `tuner run` measures it. Returns the
+    new measurements."""
+    import contextlib
+    import datetime
+
+    from optuna.trial import TrialState
+
+    from tuner.remeasure import MeasurementFailed, measured_config, on_cluster
+    from tuner.select import baseline_trial
+    from tuner.summary import hardware_kind, kind_baselines, trial_kind
+
+    kinds = kind_baselines(study)
+    missing: dict[str, list] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get("role") == "rung" or t.user_attrs.get("fail_reason"):
+            continue  # a rung record stands for its parent; an OOM trial measured nothing
+        kind = trial_kind(study, t)
+        if kind in kinds and kinds[kind] is None:
+            missing.setdefault(kind, []).append(t)
+    if not missing:
+        return {}
+    base = baseline_trial(study)
+    base_kind, base_tp = next(iter(kinds)), base.values[0]
+    if space.ray.workers_per_trial > 1:
+        say(f"warning: trials ran on {', '.join(missing)} and the baseline on {base_kind}, but a trial here is "
+            f"{space.ray.workers_per_trial} processes and a re-measurement one: their speedups stay against the "
+            "baseline trial")
+        return {}
+    try:  # torch threads as the trials had them
+        threads = space.ray.torch_threads or int(_resources(space, _nodes())[0].get("cpu", 1))
+    except ConfigError:  # no node fits a trial any more: the measuring node's own CPUs
+        threads = space.ray.torch_threads
+    done: dict[str, dict] = {}
+    for kind, trials in missing.items():
+        numbers = ", ".join(str(t.number) for t in trials)
+        try:
+            if address:
+                measure, node = on_cluster(address, trials[0].user_attrs["hardware"], threads=threads)
+            else:
+                measure, node = _local_measure(threads)
+                if hardware_kind(node) != kind:
+                    raise ConfigError(f"no --address, and this machine is {hardware_kind(node)}")
+            where = (f"node {node['node_id'][:8]} ({node['node_ip']})" if node.get("node_id")
+                     else f"this machine ({node.get('host')})")
+            say(f"trials {numbers} ran on {kind}, the baseline on {base_kind}: measuring the baseline "
+                f"(trial {base.number}) on {where}")
+            throughput = measure(measured_config(study, base))
+        except (ConfigError, MeasurementFailed) as exc:
+            say(f"warning: no baseline measured on {kind} ({exc}); the speedups of trials {numbers} stay against "
+                f"the baseline trial on {base_kind}")
+            continue
+        done[kind] = {"throughput": throughput, "node": node, "baseline_trial": base.number,
+                      "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        say(f"baseline on {kind}: {throughput:.1f} img/s (on {base_kind}: {base_tp:.1f} img/s); trials {numbers} "
+            "are compared with it")
+    if done:
+        with lock or contextlib.nullcontext():  # several drivers: keep a kind another driver measured meanwhile
+            stored = dict(study.user_attrs.get("baselines_by_kind") or {})
+            study.set_user_attr("baselines_by_kind", {**done, **stored})
+    return done
+
+
+def _local_measure(threads: int | None):
+    """`tuner.remeasure.local_measure` with torch at `threads` threads (if given) during each measurement."""
+    import torch
+
+    from tuner.remeasure import local_measure
+
+    measure, node = local_measure()
+
+    def with_threads(config):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads or before)
+        try:
+            return measure(config)
+        finally:
+            torch.set_num_threads(before)
+    return with_threads, node
 
 
 def confirm_winner(study, rounds: int, say: Callable[[str], None], address: str | None = None) -> None:

@@ -439,6 +439,7 @@ def _record_failure(trial: optuna.trial.Trial, reason: str, message: str, step: 
 def progress_line(study: optuna.Study, number: int, n_trials: int | None, show_node: bool = False) -> str:
     """One line per finished trial: n of N, state, throughput, kNN, speedup, best feasible so far."""
     from tuner.select import best_feasible
+    from tuner.summary import speedup_of
 
     t = study.get_trials(deepcopy=False)[number]
     done = len(counted_trials(study))
@@ -449,8 +450,9 @@ def progress_line(study: optuna.Study, number: int, n_trials: int | None, show_n
         parts.append(f"{u['throughput_img_s']:8.1f} img/s")
     if u.get("knn_top1") is not None:
         parts.append(f"kNN {u['knn_top1']:5.1f}")
-    if u.get("speedup") is not None:
-        parts.append(f"x{u['speedup']:.2f}")
+    speedup = speedup_of(study, t)
+    if speedup is not None:
+        parts.append(f"x{speedup:.2f}")
     if u.get("fail_reason"):
         parts.append(f"fail: {u['fail_reason']}" + (f" at step {u['fail_step']}" if u.get("fail_step") is not None else ""))
     if u.get("pruned_phase"):
@@ -459,5 +461,5 @@ def progress_line(study: optuna.Study, number: int, n_trials: int | None, show_n
         parts.append(f"on node {u['node_id'][:8]} ({u.get('node_ip')})")
     best = best_feasible(study)
     if best is not None:
-        parts.append(f"| best feasible #{best.number} x{best.user_attrs.get('speedup', float('nan')):.2f}")
+        parts.append(f"| best feasible #{best.number} x{speedup_of(study, best) or float('nan'):.2f}")
     return "  ".join(parts)
