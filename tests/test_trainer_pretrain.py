@@ -68,3 +68,23 @@ def test_a_misspelt_builtin_warm_start_is_one_line_naming_the_field(cache, spec)
 
 def test_default_steps():
     assert parse_steps("supervised") == 300 and parse_steps("supervised:40") == 40
+
+
+def test_the_cached_backbone_carries_batchnorm_statistics_of_the_plain_training_images(cache):
+    """The running statistics a training run leaves lag its weights; the cached ones are recomputed on the
+    evaluation view of the training images, so a warm run's kNN before training reads the weights."""
+    from trainer.augment import MultiCrop
+    from trainer.data import build_splits
+    from trainer.model import build_backbone
+
+    cfg = tiny_config(model__init="supervised:5")
+    saved = torch.load(warm_backbone_file(cfg, lambda line: None), weights_only=True)
+    backbone, _ = build_backbone(cfg.model, cfg.crops.global_size)
+    backbone.load_state_dict(saved)
+    splits = build_splits(cfg.data)
+    view = MultiCrop(cfg.crops, cfg.augment, torch.device("cpu")).plain(splits.train.images, cfg.crops.global_size)
+    with torch.no_grad():
+        first = backbone.net.conv1(view)  # what the first BatchNorm sees: all 51 training images, one batch
+    bn = backbone.net.bn1
+    assert torch.allclose(bn.running_mean, first.mean(dim=(0, 2, 3)), atol=1e-4)
+    assert torch.allclose(bn.running_var, first.var(dim=(0, 2, 3)), rtol=1e-3, atol=1e-5)
