@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from tuner.searcher import update_baseline_stats
 
-SPACE = SimpleNamespace(constraints=SimpleNamespace(knn_tolerance_points=1.0, knn_metric="knn_top1"),
+SPACE = SimpleNamespace(constraints=SimpleNamespace(knn_tolerance_points=1.0, knn_metric="knn_top1", knn_control=None),
                         trial=SimpleNamespace(steps=60, timeout_s=600.0, timeout_factor=None))
 
 
@@ -109,3 +109,39 @@ def test_method_changes_get_a_knn_verdict_only_from_a_calibrated_study(stored_st
         "quality: kNN within tolerance for method changes (crops.local_crops: -0.5 points, tolerance 1.0)")
     assert verdict(study, study.trials[lost]).text == (
         "quality: kNN LOST by method changes (model.head.out_dim: -10.0 points, beyond the tolerance 1.0)")
+
+
+def _with_control(base_knns, control_knn, initial=40.0):
+    """Baseline seeds whose kNN does not rise at all (as a warm start's student did), and a control."""
+    space = SimpleNamespace(constraints=SimpleNamespace(knn_tolerance_points=1.0, knn_metric="knn_top1",
+                                                        knn_control={"optim.lr": 0.01}),
+                            trial=SimpleNamespace(steps=200, timeout_s=600.0, timeout_factor=None))
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    roles = ["baseline"] + ["baseline_noise"] * (len(base_knns) - 1) + (["control"] if control_knn is not None else [])
+    for role, knn in zip(roles, base_knns + ([control_knn] if control_knn is not None else [])):
+        trial = study.ask()
+        trial.set_user_attr("role", role)
+        trial.set_user_attr("knn_top1_initial", initial)
+        study.tell(trial, [40.0, knn], state=TrialState.COMPLETE)
+    update_baseline_stats(study, space)
+    return study.user_attrs
+
+
+def test_a_positive_control_that_loses_kNN_calibrates_the_check_though_the_baseline_did_not_move():
+    attrs = _with_control([40.1, 40.4, 39.6], control_knn=31.2)  # tolerance: the seeds' spread, 0.8 -> 1.0
+    power = attrs["knn_power"]
+    assert power["calibrated"] is True and power["control_delta_points"] == pytest.approx(31.2 - 40.0333, abs=1e-3)
+    assert power["text"].startswith("a control that harms learning (optim.lr=0.01) lost 8.8 points of kNN at 200 "
+                                    "steps, beyond the tolerance (1.0)")
+    assert attrs["quality_warning"] is None  # a baseline that did not rise is no warning once the control has power
+
+
+def test_a_control_within_tolerance_or_not_finished_leaves_method_changes_unmeasured():
+    weak = _with_control([40.1, 40.4, 39.1], control_knn=38.8)  # -1.07 points; tolerance: the spread, 1.3
+    assert weak["knn_power"]["calibrated"] is False
+    assert weak["quality_warning"] == ("method changes are unmeasured at 200 steps: a control that harms learning "
+                                       "(optim.lr=0.01) moved kNN only -1.1 points, within the tolerance (1.3)")
+    pending = _with_control([40.1, 40.4], control_knn=None)
+    assert pending["knn_power"]["calibrated"] is False
+    assert pending["quality_warning"] == ("method changes are unmeasured at 200 steps: the control (optim.lr=0.01) "
+                                          "has no kNN yet")

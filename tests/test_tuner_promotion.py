@@ -83,6 +83,68 @@ def test_rungs_are_stored_judged_against_the_baseline_at_the_same_rung_and_halve
     assert len(calls) == before == 8 and len(study.trials) == 5 + 8  # rung 1: all five; rung 2: two seeds and one
 
 
+@pytest.mark.parametrize("control_knn, has_power", [(22.0, True), (29.9, False)])
+def test_a_positive_control_decides_each_rungs_power(tmp_path, tiny_space, stored_study, monkeypatch, control_knn,
+                                                     has_power):
+    """The baseline does not move at the rung (as a warm start's student kNN did not); the control (the baseline
+    with a harmful change) runs its rung before any candidate, and its loss beyond the tolerance is what makes
+    the rung's verdicts measured."""
+    from tuner.promotion import promote, rung_records, trial_dir
+    from tuner.summary import format_status, summarize
+    from tuner.verdicts import verdict
+
+    monkeypatch.chdir(tmp_path)
+    path = tiny_space(tmp_path, "control", constraints={"knn_noise_seeds": 2, "knn_tolerance_points": 1.0,
+                                                        "knn_control": {"optim.lr": 0.01}},
+                      trial={"rungs": [12]})
+    space = SearchSpace.load(path)
+    config = space.base_config()
+    s = stored_study("control", knn_tolerance=1.0)
+    started = {"knn_top1_initial": 30.0}
+    base = s.add("baseline", config.to_dict(), throughput=10.0, knn=30.0, attrs=started)
+    noise = s.add("baseline_noise", config.with_overrides({"system.seed": 1}).to_dict(), throughput=10.0, knn=30.2,
+                  attrs=started)
+    control = s.add("control", config.with_overrides({"optim.lr": 0.01}).to_dict(), throughput=10.0, knn=29.0,
+                    attrs=started)
+    fast = s.add("search", config.with_overrides({"crops.local_crops": 0}).to_dict(), throughput=30.0, knn=30.0)
+    study = s.study
+    study.set_user_attr("trial_overrides", space.trial.overrides())
+    for number in (base, noise, control, fast):
+        trial_dir("control", number).mkdir(parents=True)
+        (trial_dir("control", number) / "checkpoint.pt").write_bytes(b"stand-in")
+    knn_at = {base: 30.1, noise: 29.9, control: control_knn, fast: 29.6}  # the baseline: 30.0 at the rung, unmoved
+    order = []
+
+    def continue_run(cfg: TrainConfig, folder: Path) -> dict:
+        order.append(int(folder.name))
+        if int(folder.name) == control:
+            assert cfg.optim.lr == 0.01  # the control continues with its harmful change
+        return {"status": "ok", "knn_top1": knn_at[int(folder.name)], "student_knn_top1": 1.0, "train_s": 1.0}
+
+    lines: list[str] = []
+    promote(study, space, lines.append, continue_run=continue_run)
+    assert order == [base, noise, control, fast]  # the control before any candidate
+    records = rung_records(study)
+    mark = records[control][0]
+    assert mark.state == TrialState.COMPLETE and mark.user_attrs["control"] is True
+    assert mark.user_attrs["knn_delta_points"] == pytest.approx(control_knn - 30.0)
+    assert mark.user_attrs["calibrated"] is has_power
+    judged = records[fast][0]
+    assert judged.state == TrialState.COMPLETE and judged.user_attrs["calibrated"] is has_power
+    rung_line = next(line for line in lines if line.startswith("rung 1 (12 steps)"))
+    status = format_status(summarize(study))
+    text = verdict(study, study.trials[fast]).text
+    if has_power:
+        assert "a control that harms learning (optim.lr=0.01) lost 8.0 points of kNN at 12 steps" in rung_line
+        assert f"within: #{fast}; PRUNED: none (the control lost 8.0 points: the kNN check has power here)" in status
+        assert "kNN within tolerance at 12 steps" in text
+    else:
+        assert "unmeasured at 12 steps: a control that harms learning (optim.lr=0.01) moved kNN only -0.1" in rung_line
+        assert "(the control lost 0.1 points: quality unmeasured at this rung)" in status
+        assert "unmeasured at 12 steps" in text
+    assert f"#{control}" not in status.split("within:")[1].split("(")[0]  # the control is never a candidate
+
+
 def test_rungs_in_a_space_must_rise_above_the_trial_budget(tmp_path, tiny_space):
     from trainer.config import ConfigError
 

@@ -52,6 +52,9 @@ def test_baseline_defaults_to_the_classic_dino_settings(tmp_path, tiny_space):
     ({"baseline": {"crops.local_crops": -1}}, "baseline: crops.local_crops"),
     ({"trial": {"steps": 2}}, "must be <= steps"),
     ({"name": "bad name"}, "name: String should match pattern"),
+    ({"constraints": {"knn_control": {"optim.lrr": 0.01}}}, "constraints.knn_control.optim.lrr: not a TrainConfig field"),
+    ({"constraints": {"knn_control": {"optim.lr": -1}}}, "constraints.knn_control"),
+    ({"constraints": {"knn_control": {}}}, "constraints.knn_control: empty"),
 ])
 def test_malformed_space_is_one_line_naming_file_and_field(tmp_path, tiny_space, sections, expected):
     path = tiny_space(tmp_path, "bad", **sections)
@@ -100,6 +103,21 @@ def test_new_study_enqueues_baseline_first_at_each_noise_seed(tmp_path, tiny_spa
     assert [t.number for t in waiting] == [0, 1, 2]
     assert study.user_attrs["space_fingerprint"] == space.fingerprint()
     assert {"device", "cpu_model", "cpu_cores", "torch", "cuda"} <= set(study.user_attrs["hardware"])
+
+
+def test_a_positive_control_is_enqueued_after_the_seeds_with_the_baselines_knobs_and_its_change(tmp_path, tiny_space):
+    from tuner.searcher import trial_config
+
+    space = SearchSpace.load(tiny_space(tmp_path, "c", constraints={"knn_noise_seeds": 2,
+                                                                    "knn_control": {"optim.lr": 0.01}}))
+    study = open_study(space, f"sqlite:///{tmp_path / 'c.db'}")
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [(t.user_attrs["role"], t.user_attrs["seed"]) for t in waiting] == [
+        ("baseline", 0), ("baseline_noise", 1), ("control", 0)]
+    assert waiting[2].system_attrs["fixed_params"] == waiting[0].system_attrs["fixed_params"] == {"crops.local_crops": 2}
+    control, baseline = trial_config(space, {}, "control", 0), trial_config(space, {}, "baseline", 0)
+    assert control.optim.lr == 0.01 and baseline.optim.lr != 0.01
+    assert control.to_dict() == baseline.with_overrides({"optim.lr": 0.01}).to_dict()
 
 
 def test_conditional_knob_is_sampled_only_when_its_condition_holds(tmp_path, tiny_space):

@@ -84,7 +84,7 @@ def tidy_checkpoints(study: optuna.Study) -> None:
         return
     keep = {t.number for t in candidates(study)}
     keep |= {t.number for t in study.get_trials(deepcopy=False)
-             if t.user_attrs.get("role") in ("baseline", "baseline_noise") or t.state == TrialState.RUNNING}
+             if t.user_attrs.get("role") in ("baseline", "baseline_noise", "control") or t.state == TrialState.RUNNING}
     for folder in root.iterdir():
         if folder.name.isdigit() and int(folder.name) not in keep:
             (folder / CHECKPOINT).unlink(missing_ok=True)
@@ -93,7 +93,7 @@ def tidy_checkpoints(study: optuna.Study) -> None:
 def promote(study: optuna.Study, space, say: Callable[[str], None] = lambda _: None,
             continue_run: Callable[[TrainConfig, Path], dict[str, Any]] | None = None) -> None:
     """Run the rungs the space names (`trial.rungs`), continuing where an earlier call stopped."""
-    from tuner.study import baseline_trials
+    from tuner.study import baseline_trials, control_trial
 
     rungs = list(space.trial.rungs)
     if not rungs:
@@ -109,8 +109,9 @@ def promote(study: optuna.Study, space, say: Callable[[str], None] = lambda _: N
     entrants = candidates(study)
     if space.trial.rung_candidates:
         entrants = entrants[:space.trial.rung_candidates]
-    say(f"promotion: {len(bases)} baseline seed(s) and {len(entrants)} Pareto candidate(s) continue from their "
-        f"checkpoints to rungs at {', '.join(map(str, rungs))} steps")
+    control = control_trial(study) if space.constraints.knn_control else None
+    say(f"promotion: {len(bases)} baseline seed(s){', the control' if control else ''} and {len(entrants)} Pareto "
+        f"candidate(s) continue from their checkpoints to rungs at {', '.join(map(str, rungs))} steps")
     for r, steps in enumerate(rungs):
         done = {(int(t.user_attrs["parent"])): t for records in rung_records(study).values() for t in records
                 if t.user_attrs["rung"] == r}
@@ -123,6 +124,16 @@ def promote(study: optuna.Study, space, say: Callable[[str], None] = lambda _: N
             base_knns.append(float(record.user_attrs[metric]))
             base_initials.append(t.user_attrs.get(f"{metric}_initial"))
         judge = _rung_judge(space, base_knns, base_initials, steps)
+        if space.constraints.knn_control:  # the positive control decides this rung's power, before any candidate
+            from tuner.searcher import control_power
+
+            record = (done.get(control.number) or _run_rung(study, space, control, r, steps, judge, continue_run, say)
+                      if control is not None else None)
+            knn = record.user_attrs.get(metric) if record is not None else None
+            power = control_power(judge["baseline_knn"], judge["tolerance"], None if knn is None else float(knn),
+                                  space.constraints.knn_control, f" at {steps} steps")
+            judge.update(calibrated=power["calibrated"], text=f"{power['text']}; candidates more than "
+                         f"{judge['tolerance']:.1f} points below the baseline are pruned")
         say(f"rung {r + 1} ({steps} steps): baseline kNN {judge['baseline_knn']:.1f} "
             f"(seeds {', '.join(f'{k:.1f}' for k in base_knns)}); {judge['text']}")
         survivors = []
@@ -188,6 +199,13 @@ def _run_rung(study: optuna.Study, space, parent: FrozenTrial, r: int, steps: in
     constraints = None
     if judge is None:  # a baseline seed: the reference itself
         state, line = TrialState.COMPLETE, f"  baseline trial {parent.number}: kNN {knn:.1f} at {steps} steps"
+    elif parent.user_attrs.get("role") == "control":  # judges the rung's power; never a candidate
+        delta = knn - judge["baseline_knn"]
+        attrs.update(control=True, knn_delta_points=delta, baseline_knn_at_rung=judge["baseline_knn"],
+                     tolerance_points=judge["tolerance"], calibrated=delta < -judge["tolerance"])
+        state = TrialState.COMPLETE
+        line = (f"  control trial {parent.number}: kNN {knn:.1f} at {steps} steps ({delta:+.1f} points; "
+                f"{'beyond' if delta < -judge['tolerance'] else 'within'} the tolerance)")
     else:
         delta = knn - judge["baseline_knn"]
         attrs.update(knn_delta_points=delta, baseline_knn_at_rung=judge["baseline_knn"],

@@ -26,7 +26,7 @@ def feasible_trials(study: optuna.Study) -> list[FrozenTrial]:
 
     pruned = pruned_at_rung(study)
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if is_feasible(t) and t.user_attrs.get("role") not in ("baseline_noise", "rung") and t.number not in pruned]
+            if is_feasible(t) and t.user_attrs.get("role") not in ("baseline_noise", "rung", "control") and t.number not in pruned]
 
 
 def pareto_set(study: optuna.Study) -> list[FrozenTrial]:

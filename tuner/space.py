@@ -165,6 +165,14 @@ class Constraints(_Strict):
         "value: teacher (DINO's own evaluation; an EMA with momentum 0.996 moves about 2% in 40 steps, so "
         "in a short trial it barely sees what the steps did) or student (moves within a short trial). "
         "Both are stored on every trial either way.")
+    knn_control: dict[str, Any] | None = Field(
+        None,
+        description="A positive control: TrainConfig overrides that make the baseline learn worse (e.g. "
+        "{optim.lr: 0.01}, twenty times the default). The control runs as one extra trial at the baseline's seed "
+        "(and through every rung); the kNN check has power, at a budget, only where the control's kNN falls below "
+        "the baseline's by more than the tolerance. Without it, power is judged by whether the baseline's kNN "
+        "moves beyond its seeds' spread, which can mislead (docs/quality.md). The control never wins and "
+        "counts towards budget.n_trials.")
 
     @property
     def knn_metric(self) -> str:
@@ -409,6 +417,21 @@ class SearchSpace(_Strict):
             TrainConfig.from_dict(_apply(base.to_dict(), self.baseline), source=f"{src}: baseline")
         except ConfigError as exc:
             raise ConfigError(str(exc)) from None
+        control = self.constraints.knn_control
+        if control is not None:
+            if not control:
+                raise ConfigError(f"{src}: constraints.knn_control: empty; give the change that harms learning "
+                                  "(e.g. {optim.lr: 0.01}) or leave the field out")
+            for name in control:
+                if _field_at(name) is None:
+                    paths = [r["path"] for r in field_reference(TrainConfig)]
+                    raise ConfigError(f"{src}: constraints.knn_control.{name}: not a TrainConfig field"
+                                      f"{close_keys_hint(name, paths)}")
+            try:
+                TrainConfig.from_dict(_apply(_apply(base.to_dict(), self.baseline), control),
+                                      source=f"{src}: constraints.knn_control")
+            except ConfigError as exc:
+                raise ConfigError(str(exc)) from None
         if self.ray.workers_per_trial > 1 and self.trial.rungs:
             raise ConfigError(f"{src}: ray.workers_per_trial {self.ray.workers_per_trial}: promotion rungs (trial.rungs) "
                               "continue a trial in one process, which would change its math; use one or the other")
@@ -456,6 +479,7 @@ class SearchSpace(_Strict):
             "baseline": self.baseline,
             "trial": self.trial.model_dump(),
             "knn_backbone": self.constraints.knn_backbone,  # what the stored kNN objective values mean
+            **({"knn_control": self.constraints.knn_control} if self.constraints.knn_control else {}),
         }, sort_keys=True, default=str))
 
     def fingerprint(self) -> dict[str, str]:

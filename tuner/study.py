@@ -31,6 +31,10 @@ from tuner.space import SearchSpace, first_difference
 
 OBJECTIVES = ("throughput_img_s", "knn_top1")
 BASELINE_ROLES = ("baseline", "baseline_noise")
+#: The positive control (`constraints.knn_control`): the baseline with a change known to harm learning.
+CONTROL = "control"
+#: Trials that run the baseline's knob values (the control adds its own change on top).
+REFERENCE_ROLES = BASELINE_ROLES + (CONTROL,)
 
 
 #: Optuna's JournalStorage on a file: several drivers on one machine or a shared filesystem.
@@ -225,6 +229,8 @@ def enqueue_baseline(study: optuna.Study, space: SearchSpace) -> None:
     for i in range(space.constraints.knn_noise_seeds):
         role = "baseline" if i == 0 else "baseline_noise"
         study.enqueue_trial(params, user_attrs={"role": role, "seed": seed + i})
+    if space.constraints.knn_control:
+        study.enqueue_trial(params, user_attrs={"role": CONTROL, "seed": seed})
 
 
 def driver_id() -> str:
@@ -327,6 +333,12 @@ def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
     done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     return [t for t in study.get_trials(deepcopy=False, states=done)
             if t.user_attrs.get("fail_reason") != "interrupted" and t.user_attrs.get("role") != "rung"]
+
+
+def control_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The completed positive-control trial (`constraints.knn_control`), if the study has one."""
+    return next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if t.user_attrs.get("role") == CONTROL), None)
 
 
 def baseline_trials(study: optuna.Study) -> list[FrozenTrial]:

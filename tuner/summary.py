@@ -203,6 +203,10 @@ def rung_summary(study: optuna.Study) -> list[dict[str, Any]]:
                                              "tolerance": None, "calibrated": None, "within": [], "pruned": []})
             if u.get("baseline_knn_at_rung") is None:
                 continue  # a baseline seed
+            if u.get("control"):  # the positive control: it decides the rung's power
+                r.update(baseline_knn=u["baseline_knn_at_rung"], tolerance=u.get("tolerance_points"),
+                         calibrated=u.get("calibrated"), control={"trial": parent, "delta": u.get("knn_delta_points")})
+                continue
             r.update(baseline_knn=u["baseline_knn_at_rung"], tolerance=u.get("tolerance_points"),
                      calibrated=u.get("calibrated"))
             r["pruned" if t.state == TrialState.PRUNED else "within"].append(parent)
@@ -245,7 +249,11 @@ def format_status(s: StudySummary) -> str:
     for r in s.rungs:
         if r["baseline_knn"] is None:
             continue
-        power = "the baseline's kNN moved beyond its noise" if r["calibrated"] else "quality unmeasured at this rung"
+        if r.get("control"):
+            power = (f"the control lost {-r['control']['delta']:.1f} points: "
+                     f"{'the kNN check has power here' if r['calibrated'] else 'quality unmeasured at this rung'}")
+        else:
+            power = "the baseline's kNN moved beyond its noise" if r["calibrated"] else "quality unmeasured at this rung"
         out.append(f"rung {r['rung']} ({r['steps']} steps): baseline kNN {r['baseline_knn']:.1f}, tolerance "
                    f"{r['tolerance']:.1f}; within: {', '.join(f'#{n}' for n in r['within']) or 'none'}; PRUNED: "
                    f"{', '.join(f'#{n}' for n in r['pruned']) or 'none'} ({power})")
