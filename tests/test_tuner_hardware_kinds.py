@@ -92,7 +92,8 @@ def test_a_study_on_one_kind_of_hardware_reads_as_before(stored_study):
 
 
 def test_a_study_on_one_kind_of_hardware_ranks_by_throughput_as_before(stored_study):
-    """One kind: the winner, the Pareto set and the knee are today's, by raw throughput."""
+    """One kind: the winner, the Pareto set, the knee and the rung candidates are today's, by raw throughput."""
+    from tuner.promotion import candidates, may_become_candidates
     from tuner.select import best_feasible, knee, pareto_set, speed_of, throughput
 
     s = stored_study("one-kind")
@@ -103,7 +104,8 @@ def test_a_study_on_one_kind_of_hardware_ranks_by_throughput_as_before(stored_st
     study = optuna.load_study(study_name="one-kind", storage=s.url)
     assert speed_of(study) is throughput
     assert best_feasible(study).number == 3  # 900 img/s; 5 (1000) is infeasible
-    assert [t.number for t in pareto_set(study)] == [3, 2, 1]
+    assert [t.number for t in pareto_set(study)] == [3, 2, 1] == [t.number for t in candidates(study)]
+    assert [t.number for t in may_become_candidates(study)] == [3, 2, 1]
     assert knee(study).number == 2
 
 
@@ -274,3 +276,11 @@ def test_export_picks_the_own_kind_winner(stored_study, tmp_path):
     assert ", study speedup x2.40 over the baseline measured on its hardware, NVIDIA A100, Other CPU (250.0 img/s)." \
         in header.splitlines()[1]
 
+
+def test_promotion_enters_the_own_kind_pareto_set_and_keeps_every_kind_s_front_during_the_search(stored_study):
+    from tuner.promotion import candidates, may_become_candidates
+
+    assert [t.number for t in candidates(_ranked(stored_study))] == [2, 1]
+    during = _ranked(stored_study, a100_baseline=None, name="during")  # each kind's own front keeps its checkpoints
+    assert [t.number for t in candidates(during)] == [1]
+    assert sorted(t.number for t in may_become_candidates(during)) == [1, 2, 3]
