@@ -87,6 +87,26 @@ def test_a_study_on_one_kind_of_hardware_reads_as_before(stored_study):
     status = format_status(summary)
     assert "per hardware kind" not in status and "speedup (study)" in status and "x2.50 unconfirmed" in status
     assert list(summary.hardware_kinds) == ["cpu, Test CPU"] and not [w for w in summary.warnings if "hardware" in w]
+    assert "best feasible: trial 1, 250.0 img/s, x2.50 unconfirmed" in status
+    assert "Pareto set (feasible; throughput vs kNN):" in status
+
+
+def test_a_study_on_one_kind_of_hardware_ranks_by_throughput_as_before(stored_study):
+    """One kind: the winner, the Pareto set, the knee and the rung candidates are today's, by raw throughput."""
+    from tuner.promotion import candidates, may_become_candidates
+    from tuner.select import best_feasible, knee, pareto_set, speed_of, throughput
+
+    s = stored_study("one-kind")
+    base = TrainConfig()
+    s.add("baseline", base.to_dict(), throughput=100.0, knn=20.0)
+    for local_crops, tp, knn in ((0, 180.0, 20.5), (4, 600.0, 19.6), (6, 900.0, 19.1), (3, 500.0, 19.4), (5, 1000.0, 15.0)):
+        s.add("search", base.with_overrides({"crops.local_crops": local_crops}).to_dict(), throughput=tp, knn=knn)
+    study = optuna.load_study(study_name="one-kind", storage=s.url)
+    assert speed_of(study) is throughput
+    assert best_feasible(study).number == 3  # 900 img/s; 5 (1000) is infeasible
+    assert [t.number for t in pareto_set(study)] == [3, 2, 1] == [t.number for t in candidates(study)]
+    assert [t.number for t in may_become_candidates(study)] == [3, 2, 1]
+    assert knee(study).number == 2
 
 
 def test_export_header_says_which_baseline_the_speedup_is_against(stored_study):
@@ -174,3 +194,93 @@ def test_the_driver_measures_nothing_on_one_kind_of_hardware(stored_study, tiny_
     lines: list[str] = []
     assert measure_kind_baselines(s.study, SearchSpace.load(tiny_space(tmp_path, "single")), lines.append, "x:1") == {}
     assert lines == [] and "baselines_by_kind" not in s.study.user_attrs
+
+
+def _ranked(stored_study, a100_baseline: float | None = 250.0, name: str = "ranked"):
+    """Baseline 100 img/s, kNN 20 on cpu/Test CPU (tolerance 1 point); trial 1 there at 180 (x1.80, kNN 20.5);
+    on an A100 (baseline 250 img/s there, measured after the search): trial 2 at 600 (x2.40, kNN 19.6), trial 4
+    at 500 (x2.00, kNN 19.4: beaten by 2 on both) and trial 5 at 1000 (kNN 15: infeasible); trial 3 on an H100,
+    where no baseline was measured, at 900 img/s and the best kNN (20.8): by raw throughput it beats them all."""
+    s = stored_study(name)
+    base = TrainConfig()
+    s.add("baseline", base.to_dict(), throughput=100.0, knn=20.0)
+    rows = ((0, 180.0, 20.5, None), (4, 600.0, 19.6, A100), (6, 900.0, 20.8, H100), (3, 500.0, 19.4, A100),
+            (5, 1000.0, 15.0, A100))
+    for local_crops, throughput, knn, kind in rows:
+        s.add("search", base.with_overrides({"crops.local_crops": local_crops}).to_dict(), throughput=throughput,
+              knn=knn, attrs={"hardware": {**s.HARDWARE, **kind}} if kind else None)
+    if a100_baseline is not None:
+        s.study.set_user_attr("baselines_by_kind", {"NVIDIA A100, Other CPU": {
+            "throughput": a100_baseline, "node": NODE, "baseline_trial": 0, "measured_at": "2025-01-01T00:00:00+00:00"}})
+    return optuna.load_study(study_name=name, storage=s.url)
+
+
+def test_on_several_kinds_the_winner_and_the_pareto_set_rank_by_own_kind_speedup_not_throughput(stored_study):
+    from tuner.select import best_feasible, feasible_trials, knee, pareto_set, pick, speed_of
+
+    study = _ranked(stored_study)
+    assert [t.number for t in feasible_trials(study)] == [0, 1, 2, 3, 4]  # 5 is infeasible; 3 is feasible
+    speed = speed_of(study)
+    assert [speed(t) for t in study.trials] == pytest.approx([1.0, 1.8, 2.4, None, 2.0, 4.0])
+    # by raw throughput trial 3 (900 img/s, kNN 20.8) would dominate every other trial and win
+    assert best_feasible(study).number == 2  # 600 img/s on an A100: x2.40 against the A100's own 250 img/s
+    assert [t.number for t in pareto_set(study)] == [2, 1]  # x2.40 kNN 19.6; x1.80 kNN 20.5; 4 (x2.00, 19.4) beaten by 2
+    assert pick(study, "fastest").number == 2 and knee(study).number in (1, 2)
+    assert pick(study, "trial:3").number == 3  # still reachable by number
+
+
+def test_before_a_kind_s_baseline_is_measured_its_trials_are_not_ranked(stored_study):
+    from tuner.select import best_feasible, pareto_set
+
+    study = _ranked(stored_study, a100_baseline=None)  # as during the search: only the baseline's kind compares
+    assert best_feasible(study).number == 1 and [t.number for t in pareto_set(study)] == [1]
+
+
+def test_status_report_export_confirm_and_progress_agree_on_the_own_kind_winner(stored_study, monkeypatch):
+    import tuner.confirm
+    from tuner.report import pareto_figure, phases_figure, winner
+    from tuner.runner import confirm_winner
+    from tuner.searcher import progress_line
+    from tuner.summary import format_status, summarize
+
+    study = _ranked(stored_study)
+    summary = summarize(study)
+    assert summary.best_feasible.number == 2 and summary.best_feasible.speedup == pytest.approx(2.4)
+    assert [r.number for r in summary.pareto] == [2, 1]
+    status = format_status(summary)
+    assert "best feasible: trial 2, 600.0 img/s, x2.40 unconfirmed, kNN 19.6" in status
+    pareto = status.split("Pareto set (feasible; speedup on its own hardware kind vs kNN):")[1].split("all trials:")[0]
+    assert [line.split()[0] for line in pareto.strip().splitlines()[2:]] == ["2", "1"]
+    assert ("no baseline measured on NVIDIA H100, Gone CPU (trials 3): their speedups are against the baseline trial "
+            "on cpu, Test CPU, which mixes the knob with the machine, so they are not ranked") in status
+    assert winner(study).number == 2
+    figure = pareto_figure([study], [summary])
+    front = next(trace for trace in figure.data if trace.name.startswith("Pareto set"))
+    assert front.name == "Pareto set (by speedup on own hardware kind)" and list(front.customdata) == [1, 2]  # trial order
+    assert [trace.customdata[0] for trace in figure.data if trace.name == "winner"] == [2]
+    assert phases_figure(study).data[0].x == ("baseline #0", "winner #2", "Pareto #1")
+    lines: list[str] = []
+    confirmed: list[str] = []
+    monkeypatch.setattr(tuner.confirm, "confirm", lambda study, policy, *a, **k: confirmed.append(policy))
+    confirm_winner(study, 3, lines.append)
+    assert lines[0].startswith("confirming trial 2 against the baseline") and confirmed == ["fastest"]
+    assert progress_line(study, 3, 6).endswith("| best feasible #2 x2.40")
+
+
+def test_export_picks_the_own_kind_winner(stored_study, tmp_path):
+    from tuner.export import export
+
+    path, header = export(_ranked(stored_study), "fastest", tmp_path / "winner.yaml")
+    assert path.name == "winner.yaml"
+    assert header.splitlines()[0].endswith("from study 'ranked', trial 2 (search).")
+    assert ", study speedup x2.40 over the baseline measured on its hardware, NVIDIA A100, Other CPU (250.0 img/s)." \
+        in header.splitlines()[1]
+
+
+def test_promotion_enters_the_own_kind_pareto_set_and_keeps_every_kind_s_front_during_the_search(stored_study):
+    from tuner.promotion import candidates, may_become_candidates
+
+    assert [t.number for t in candidates(_ranked(stored_study))] == [2, 1]
+    during = _ranked(stored_study, a100_baseline=None, name="during")  # each kind's own front keeps its checkpoints
+    assert [t.number for t in candidates(during)] == [1]
+    assert sorted(t.number for t in may_become_candidates(during)) == [1, 2, 3]

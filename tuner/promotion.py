@@ -66,23 +66,47 @@ def pruned_at_rung(study: optuna.Study) -> dict[int, FrozenTrial]:
             if records and records[-1].state == TrialState.PRUNED}
 
 
-def candidates(study: optuna.Study) -> list[FrozenTrial]:
-    """The trials that may enter the first rung: the Pareto set of the screening trials as the search
-    left them (baseline seeds and rung records aside, whatever the rungs later decided), fastest first."""
-    from tuner.select import is_feasible, non_dominated
+def _screened(study: optuna.Study) -> list[FrozenTrial]:
+    """The feasible screening trials as the search left them (baseline seeds and rung records aside,
+    whatever the rungs later decided)."""
+    from tuner.select import is_feasible
 
-    screened = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if is_feasible(t) and t.user_attrs.get("role", "search") == "search"]
-    return non_dominated(screened)
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if is_feasible(t) and t.user_attrs.get("role", "search") == "search"]
+
+
+def candidates(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials that may enter the first rung: the Pareto set of the screening trials, fastest first,
+    ranked as the winner is (`tuner.select.speed_of`: on several kinds of hardware by the speedup against
+    each trial's own kind's baseline, and a trial on a kind without one does not enter: it cannot win)."""
+    from tuner.select import non_dominated, speed_of
+
+    return non_dominated(_screened(study), speed_of(study))
+
+
+def may_become_candidates(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials whose checkpoints are kept while the search runs. On one kind of hardware the candidates.
+    On several, a kind's baseline is only measured after the search (`tuner.runner.measure_kind_baselines`),
+    so each kind's own Pareto front by throughput is kept: within a kind the speedup orders trials as the
+    throughput does, so every trial the candidates can hold once the baselines are measured is among them."""
+    from tuner.select import non_dominated, several_kinds
+    from tuner.summary import trial_kind
+
+    if not several_kinds(study):
+        return candidates(study)
+    by_kind: dict[str | None, list[FrozenTrial]] = {}
+    for t in _screened(study):
+        by_kind.setdefault(trial_kind(study, t), []).append(t)
+    return [t for trials in by_kind.values() for t in non_dominated(trials)]
 
 
 def tidy_checkpoints(study: optuna.Study) -> None:
     """Delete the checkpoints of trials that can no longer enter a rung (pruned, failed, or off the
-    Pareto set); the baseline's seeds keep theirs. Logs and summaries stay."""
+    Pareto set: `may_become_candidates`); the baseline's seeds keep theirs. Logs and summaries stay."""
     root = trials_root(study.study_name)
     if not root.is_dir():
         return
-    keep = {t.number for t in candidates(study)}
+    keep = {t.number for t in may_become_candidates(study)}
     keep |= {t.number for t in study.get_trials(deepcopy=False)
              if t.user_attrs.get("role") in ("baseline", "baseline_noise", "control") or t.state == TrialState.RUNNING}
     for folder in root.iterdir():
@@ -93,6 +117,7 @@ def tidy_checkpoints(study: optuna.Study) -> None:
 def promote(study: optuna.Study, space, say: Callable[[str], None] = lambda _: None,
             continue_run: Callable[[TrainConfig, Path], dict[str, Any]] | None = None) -> None:
     """Run the rungs the space names (`trial.rungs`), continuing where an earlier call stopped."""
+    from tuner.select import speed_of
     from tuner.study import baseline_trials, control_trial
 
     rungs = list(space.trial.rungs)
@@ -106,7 +131,7 @@ def promote(study: optuna.Study, space, say: Callable[[str], None] = lambda _: N
     if not bases:
         say("promotion: no completed baseline trial to judge against; rungs skipped")
         return
-    entrants = candidates(study)
+    entrants, speed = candidates(study), speed_of(study)  # ranked as the winner is
     if space.trial.rung_candidates:
         entrants = entrants[:space.trial.rung_candidates]
     control = control_trial(study) if space.constraints.knn_control else None
@@ -143,7 +168,7 @@ def promote(study: optuna.Study, space, say: Callable[[str], None] = lambda _: N
                 survivors.append(t)
         if r + 1 < len(rungs):
             keep = max(1, math.ceil(len(survivors) / space.trial.rung_reduction)) if survivors else 0
-            entrants = sorted(survivors, key=lambda t: -t.values[0])[:keep]
+            entrants = sorted(survivors, key=lambda t: -speed(t))[:keep]
             if not entrants:
                 say("promotion: no candidate is left for the next rung")
                 return

@@ -114,7 +114,8 @@ def config_value(t: FrozenTrial, path: str) -> Any:
 
 
 def winner(study: optuna.Study) -> FrozenTrial | None:
-    """The trial `tuner confirm` measured if it ran, else the fastest feasible trial."""
+    """The trial `tuner confirm` measured if it ran, else the fastest feasible trial (`best_feasible`: on several
+    kinds of hardware, by the speedup against its own kind's baseline)."""
     number = (study.user_attrs.get("confirm") or {}).get("trial")
     if number is not None:
         return study.get_trials(deepcopy=False)[number]
@@ -218,7 +219,9 @@ def pareto_figure(studies: list[optuna.Study], summaries: list[StudySummary]) ->
                     x.append(t.values[0])
                     y.append(t.values[1])
                 text.append(_hover(study, t))
-            name = {"complete": "feasible", "infeasible": "infeasible (constraint)", "pareto": "Pareto set",
+            name = {"complete": "feasible", "infeasible": "infeasible (constraint)",
+                    # on several kinds of hardware the set is by own-kind speedup (`speed_of`), not by this x axis
+                    "pareto": "Pareto set (by speedup on own hardware kind)" if len(s.hardware_kinds) > 1 else "Pareto set",
                     "pruned": "pruned (last measured values)", "failed": "failed (no values; on the strip)"}[kind]
             fig.add_trace(go.Scatter(x=x, y=y, mode="markers", name=prefix + name, marker=STATE_STYLE[kind],
                                      text=text, hovertemplate="%{text}<extra></extra>",

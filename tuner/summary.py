@@ -170,7 +170,8 @@ def summarize(study: optuna.Study, storage_url: str = "") -> StudySummary:
         numbers = [t.number for t in trials if t.user_attrs.get("throughput_img_s") is not None
                    and t.user_attrs.get("role") != "rung" and trial_kind(study, t) == kind]
         warnings.append(f"no baseline measured on {kind} (trials {', '.join(map(str, numbers))}): their speedups are "
-                        f"against the baseline trial on {base_kind}, which mixes the knob with the machine; `tuner run` "
+                        f"against the baseline trial on {base_kind}, which mixes the knob with the machine, so they are "
+                        "not ranked (never the best feasible trial, not in the Pareto set); `tuner run` "
                         "measures it after its search while a node of that kind is in the cluster (--address)")
     quality = verdict(study, best).text if best is not None else None
     compiled = compile_break_even(study, best) if best is not None else None
@@ -260,7 +261,8 @@ def format_status(s: StudySummary) -> str:
     if s.time_saved_by_pruning_s:
         out.append(f"pruning saved about {s.time_saved_by_pruning_s:.0f} s of trial time")
     if s.pareto:
-        out.append("\nPareto set (feasible; throughput vs kNN):")
+        axis = "speedup on its own hardware kind" if len(s.hardware_kinds) > 1 else "throughput"
+        out.append(f"\nPareto set (feasible; {axis} vs kNN):")
         out.append(_trial_table(s.pareto, s))
     out.append("\nall trials:")
     out.append(_trial_table(s.trials, s))
