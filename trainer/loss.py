@@ -49,6 +49,7 @@ class DINOLoss(nn.Module):
         self.student_temp, self.center_momentum = student_temp, center_momentum
         self.pairs = view_pairs(pairing, n_global, n_views)
         self.students = student_views(pairing, n_global, n_views)
+        assert self.students == list(range(self.students[0], self.students[-1] + 1)) if self.students else True
         if not self.pairs:
             raise ValueError(f"loss.pairing={pairing!r} with {n_global} global and {n_views - n_global} local crops has no view pairs")
         warm = np.linspace(warmup_teacher_temp, teacher_temp, warmup_steps) if warmup_steps > 0 else np.array([])
@@ -69,13 +70,17 @@ class DINOLoss(nn.Module):
         # Softmax over tens of thousands of prototypes needs at least fp32: upcast bf16/fp16, never downcast.
         dtype = torch.promote_types(student_out.dtype, torch.float32)
         student_out, teacher_out = student_out.to(dtype), teacher_out.to(dtype)
-        logp = F.log_softmax(student_out / self.student_temp, dim=-1).chunk(self.n_views)
+        logp_all = F.log_softmax(student_out / self.student_temp, dim=-1)
+        logp = logp_all.chunk(self.n_views)
         q_all = F.softmax((teacher_out - self.center) / self.teacher_temp(step), dim=-1).detach()
         if self.track_entropy:
             self.entropy = teacher_entropies(q_all)
         q = q_all.chunk(self.n_global)
-        q_sum = torch.stack(q).sum(0)
-        l_sum = torch.stack([logp[s] for s in self.students]).sum(0)
+        # Sums over views as views of one tensor [views, B, K] (the same sums as stacking the chunks, no copy);
+        # every pairing's student views are consecutive.
+        b, first, last = q[0].shape[0], self.students[0], self.students[-1] + 1
+        q_sum = q_all.view(self.n_global, b, -1).sum(0)
+        l_sum = logp_all[first * b:last * b].view(last - first, b, -1).sum(0)
         total = (q_sum * l_sum).sum(-1)
         for t in range(self.n_global):
             if t in self.students:
