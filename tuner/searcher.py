@@ -474,7 +474,7 @@ def _record_failure(trial: optuna.trial.Trial, reason: str, message: str, step: 
 def progress_line(study: optuna.Study, number: int, n_trials: int | None, show_node: bool = False) -> str:
     """One line per finished trial: n of N, state, throughput, kNN, speedup, best feasible so far."""
     from tuner.select import best_feasible
-    from tuner.summary import speedup_of
+    from tuner.summary import knn_key, speedup_of
 
     t = study.get_trials(deepcopy=False)[number]
     done = len(counted_trials(study))
@@ -483,8 +483,9 @@ def progress_line(study: optuna.Study, number: int, n_trials: int | None, show_n
              f"{t.state.name:<8}"]
     if u.get("throughput_img_s") is not None:
         parts.append(f"{u['throughput_img_s']:8.1f} img/s")
-    if u.get("knn_top1") is not None:
-        parts.append(f"kNN {u['knn_top1']:5.1f}")
+    key = knn_key(t)  # the kNN the study judges by: the teacher's, or the student's (constraints.knn_backbone)
+    if u.get(key) is not None:
+        parts.append(f"{'student ' if key.startswith('student') else ''}kNN {u[key]:5.1f}")
     speedup = speedup_of(study, t)
     if speedup is not None:
         parts.append(f"x{speedup:.2f}")
