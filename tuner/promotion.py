@@ -229,6 +229,7 @@ def _run_rung(study: optuna.Study, space, parent: FrozenTrial, r: int, steps: in
         attrs.update(control=True, knn_delta_points=delta, baseline_knn_at_rung=judge["baseline_knn"],
                      tolerance_points=judge["tolerance"], calibrated=delta < -judge["tolerance"])
         state = TrialState.COMPLETE
+        constraints = {"knn_points": -judge["tolerance"] - delta, "memory": -1.0}  # infeasible where it lost kNN
         line = (f"  control trial {parent.number}: kNN {knn:.1f} at {steps} steps ({delta:+.1f} points; "
                 f"{'beyond' if delta < -judge['tolerance'] else 'within'} the tolerance)")
     else:
