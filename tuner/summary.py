@@ -71,7 +71,13 @@ def speedup_of(study: optuna.Study, t: FrozenTrial, measured: dict[str, Any] | N
     throughput = t.user_attrs.get("throughput_img_s")
     if own and own.get("throughput") and throughput is not None:
         return throughput / own["throughput"]
-    return t.user_attrs.get("speedup")
+    stored = t.user_attrs.get("speedup")
+    base = study.user_attrs.get("baseline_throughput_img_s")
+    if stored is None and throughput is not None and base:
+        # finished before the baseline did (another driver's baseline seed, for one): a finished trial's
+        # attributes cannot be set afterwards, so its speedup is computed here, against the same baseline
+        return throughput / base
+    return stored
 
 
 def kind_baselines(study: optuna.Study) -> dict[str, dict[str, Any] | None]:
