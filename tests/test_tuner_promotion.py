@@ -20,9 +20,28 @@ def _space(tmp_path, tiny_space, **trial):
     return SearchSpace.load(path)
 
 
+def _baseline_seeds(s, config: TrainConfig, knns: tuple[float, float], throughputs: tuple[float, float],
+                    initial: float) -> tuple[int, int]:
+    """The baseline trial and its noise seed, stored with the kNN each had before training."""
+    started = {"knn_top1_initial": initial}
+    base = s.add("baseline", config.to_dict(), throughput=throughputs[0], knn=knns[0], attrs=started)
+    noise = s.add("baseline_noise", config.with_overrides({"system.seed": 1}).to_dict(), throughput=throughputs[1],
+                  knn=knns[1], attrs=started)
+    return base, noise
+
+
+def _stand_in_checkpoints(study_name: str, numbers) -> None:
+    """What promotion looks for in each trial's folder (the continuation itself is the test's stand-in)."""
+    from tuner.promotion import trial_dir
+
+    for number in numbers:
+        trial_dir(study_name, number).mkdir(parents=True)
+        (trial_dir(study_name, number) / "checkpoint.pt").write_bytes(b"stand-in")
+
+
 def test_rungs_are_stored_judged_against_the_baseline_at_the_same_rung_and_halved(tmp_path, tiny_space, stored_study,
                                                                                   monkeypatch):
-    from tuner.promotion import promote, rung_records, trial_dir
+    from tuner.promotion import promote, rung_records
     from tuner.select import best_feasible
     from tuner.study import counted_trials
     from tuner.verdicts import verdict
@@ -31,18 +50,13 @@ def test_rungs_are_stored_judged_against_the_baseline_at_the_same_rung_and_halve
     space = _space(tmp_path, tiny_space)
     config = space.base_config()
     s = stored_study("rungs", knn_tolerance=1.0)
-    started = {"knn_top1_initial": 20.0}
-    base = s.add("baseline", config.to_dict(), throughput=10.0, knn=20.5, attrs=started)
-    noise = s.add("baseline_noise", config.with_overrides({"system.seed": 1}).to_dict(), throughput=10.2, knn=20.4,
-                  attrs=started)
+    base, noise = _baseline_seeds(s, config, knns=(20.5, 20.4), throughputs=(10.0, 10.2), initial=20.0)
     fast = s.add("search", config.with_overrides({"crops.local_crops": 0}).to_dict(), throughput=30.0, knn=20.0)
     middle = s.add("search", config.with_overrides({"model.head.out_dim": 32}).to_dict(), throughput=20.0, knn=20.2)
     slow = s.add("search", config.with_overrides({"model.head.out_dim": 48}).to_dict(), throughput=15.0, knn=20.4)
     study = s.study
     study.set_user_attr("trial_overrides", space.trial.overrides())
-    for number in (base, noise, fast, middle, slow):
-        trial_dir("rungs", number).mkdir(parents=True)
-        (trial_dir("rungs", number) / "checkpoint.pt").write_bytes(b"stand-in")
+    _stand_in_checkpoints("rungs", (base, noise, fast, middle, slow))
     # kNN each trial reaches at each rung (the baseline rises beyond its seeds' spread at both)
     knn_at = {12: {base: 30.0, noise: 31.0, fast: 25.0, middle: 30.2, slow: 30.4},
               16: {base: 35.0, noise: 36.0, middle: 33.0}}
@@ -89,7 +103,7 @@ def test_a_positive_control_decides_each_rungs_power(tmp_path, tiny_space, store
     """The baseline does not move at the rung (as a warm start's student kNN did not); the control (the baseline
     with a harmful change) runs its rung before any candidate, and its loss beyond the tolerance is what makes
     the rung's verdicts measured."""
-    from tuner.promotion import promote, rung_records, trial_dir
+    from tuner.promotion import promote, rung_records
     from tuner.summary import format_status, summarize
     from tuner.verdicts import verdict
 
@@ -100,18 +114,13 @@ def test_a_positive_control_decides_each_rungs_power(tmp_path, tiny_space, store
     space = SearchSpace.load(path)
     config = space.base_config()
     s = stored_study("control", knn_tolerance=1.0)
-    started = {"knn_top1_initial": 30.0}
-    base = s.add("baseline", config.to_dict(), throughput=10.0, knn=30.0, attrs=started)
-    noise = s.add("baseline_noise", config.with_overrides({"system.seed": 1}).to_dict(), throughput=10.0, knn=30.2,
-                  attrs=started)
+    base, noise = _baseline_seeds(s, config, knns=(30.0, 30.2), throughputs=(10.0, 10.0), initial=30.0)
     control = s.add("control", config.with_overrides({"optim.lr": 0.01}).to_dict(), throughput=10.0, knn=29.0,
-                    attrs=started)
+                    attrs={"knn_top1_initial": 30.0})
     fast = s.add("search", config.with_overrides({"crops.local_crops": 0}).to_dict(), throughput=30.0, knn=30.0)
     study = s.study
     study.set_user_attr("trial_overrides", space.trial.overrides())
-    for number in (base, noise, control, fast):
-        trial_dir("control", number).mkdir(parents=True)
-        (trial_dir("control", number) / "checkpoint.pt").write_bytes(b"stand-in")
+    _stand_in_checkpoints("control", (base, noise, control, fast))
     knn_at = {base: 30.1, noise: 29.9, control: control_knn, fast: 29.6}  # the baseline: 30.0 at the rung, unmoved
     order = []
 
