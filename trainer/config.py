@@ -134,9 +134,9 @@ class ModelConfig(_Strict):
     @field_validator("init")
     @classmethod
     def _builtin_init(cls, v: str | None) -> str | None:
-        from trainer.pretrain import PREFIX, parse_steps
+        from trainer.pretrain import is_builtin, parse_steps
 
-        if v is not None and v.startswith(PREFIX) and not Path(v).exists():
+        if is_builtin(v):
             try:
                 parse_steps(v)
             except ConfigError as exc:

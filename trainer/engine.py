@@ -171,7 +171,7 @@ class Run:
         backbone, dim = build_backbone(cfg.model, cfg.crops.global_size)
         # A warm start replaces the random backbone before student and teacher are made from it; the RNG the
         # head's initialization draws from is untouched, so the head starts as it would from random weights.
-        self.init_loaded = load_init(backbone, cfg.model, cfg) if cfg.model.init else None
+        self.init_loaded = load_init(backbone, cfg) if cfg.model.init else None
         student = MultiCropWrapper(backbone, DINOHead(dim, cfg.model.head), concat=cfg.crops.concat_same_resolution)
         teacher = copy.deepcopy(student)
         for p in teacher.parameters():

@@ -62,18 +62,17 @@ def _torchvision_part(backbone: nn.Module) -> tuple[nn.Module, str, str]:
 
 # ---- in: model.init -------------------------------------------------------------------------------
 
-def load_init(backbone: nn.Module, model: ModelConfig, cfg=None) -> str:
-    """Load `model.init` into `backbone` in place (before student and teacher are made from it).
+def load_init(backbone: nn.Module, cfg) -> str:
+    """Load `cfg.model.init` into `backbone` in place (before student and teacher are made from it).
 
-    `cfg` (the whole TrainConfig) is needed only by the built-in warm start (`supervised[:STEPS]`, see
-    `trainer.pretrain`), which is trained on the run's own training split and cached.
+    The whole TrainConfig, because the built-in warm start (`supervised[:STEPS]`, see `trainer.pretrain`)
+    is trained on the run's own training split and cached.
     Returns one line saying what was loaded; raises a one-line `ConfigError` for a missing file, an
     unknown weights name, keys that do not match, or shapes that do not fit.
     """
+    model = cfg.model
     spec = str(model.init)
     if is_builtin(spec):
-        if cfg is None:
-            raise ConfigError(f"model.init: {spec!r} is built from the run's data; it needs the whole config")
         path = warm_backbone_file(cfg)
         _load_checked(backbone, _read(path), str(path), model, "")
         return f"{spec}: the cached warm backbone {path}"
