@@ -247,8 +247,8 @@ SAMPLERS = {"tpe": "TPESampler", "nsga2": "NSGAIISampler", "random": "RandomSamp
 
 class SamplerSpec(_Strict):
     """Optuna sampler, with a seed and the sampler's own arguments (`args`, passed through): tpe, nsga2,
-    random, grid, gp (Gaussian-process BO), qmc (quasi-Monte Carlo; categorical knobs fall back to random)
-    or bruteforce (every configuration once, in a random order, like a shuffled grid)."""
+    random, grid, gp (Gaussian-process BO), qmc (a quasi-Monte Carlo sequence, the same at every seed unless
+    `args: {scramble: true}`) or bruteforce (every configuration once, in a random order, like a shuffled grid)."""
 
     name: Literal["tpe", "nsga2", "random", "grid", "gp", "qmc", "bruteforce"] = "tpe"
     seed: int | None = 0
