@@ -48,7 +48,10 @@ def test_baseline_defaults_to_the_classic_dino_settings(tmp_path, tiny_space):
     ({"params": {"system.prefetch_factor": {"choices": [2], "when": "system.num_workers >> 0"}}}, "must look like"),
     ({"pruner": {"speed": {"name": "FastPruner"}}}, "pruner.speed.name: unknown pruner 'FastPruner'"),
     ({"pruner": {"quality": {"name": "MedianPruner", "args": {"n_startup": 2}}}}, "MedianPruner arguments"),
-    ({"sampler": {"name": "cmaes"}}, "sampler.name: must be 'tpe', 'nsga2', 'random' or 'grid'"),
+    ({"sampler": {"name": "cmaes"}}, "sampler.name: must be 'tpe', 'nsga2', 'random', 'grid', 'gp', 'qmc' or 'bruteforce'"),
+    ({"sampler": {"name": "gp", "args": {"n_startup": 2}}}, "sampler.args: GPSampler.__init__() got an unexpected keyword"),
+    ({"sampler": {"name": "bruteforce"}, "params": {"optim.lr": {"low": 1e-4, "high": 1e-3}}},
+     "params.optim.lr: the bruteforce sampler needs choices or an int range"),
     ({"baseline": {"crops.local_crops": -1}}, "baseline: crops.local_crops"),
     ({"trial": {"steps": 2}}, "must be <= steps"),
     ({"name": "bad name"}, "name: String should match pattern"),
@@ -135,6 +138,42 @@ def test_conditional_knob_is_sampled_only_when_its_condition_holds(tmp_path, tin
         trial_config(space, params, "search", None)  # every sampled combination is a valid TrainConfig
         seen.add(params["system.num_workers"])
     assert seen == {0, 1}
+
+
+def test_space_naming_a_sampler_builds_it_with_its_args(tmp_path, tiny_space):
+    space = SearchSpace.load(tiny_space(tmp_path, "gp", sampler={"name": "gp", "seed": 3, "args": {"n_startup_trials": 2}}))
+    sampler = space.build_sampler()
+    assert type(sampler) is optuna.samplers.GPSampler and sampler._n_startup_trials == 2
+    tpe = SearchSpace.load(tiny_space(tmp_path, "tpe", sampler={"name": "tpe", "args": {"n_startup_trials": 3}})).build_sampler()
+    assert tpe._n_startup_trials == 3 and tpe._multivariate and tpe._constant_liar  # the tuner's TPE defaults stay
+    qmc = SearchSpace.load(tiny_space(tmp_path, "qmc", sampler={"name": "qmc", "args": {"qmc_type": "halton"}})).build_sampler()
+    assert type(qmc) is optuna.samplers.QMCSampler and qmc._qmc_type == "halton"
+
+
+def test_bruteforce_sampler_tries_each_configuration_once_then_the_study_finishes(tmp_path, tiny_space):
+    """A shuffled grid through the searcher's ask/tell: Optuna's `Study.stop()` (only for `optimize`) is not called."""
+    from ray.tune.search import Searcher
+
+    from tuner.pruning import PruningBridge
+    from tuner.searcher import StudySearcher
+
+    space = SearchSpace.load(tiny_space(tmp_path, "bf", sampler={"name": "bruteforce", "seed": 1}, budget={"n_trials": 20},
+                                        params={"crops.local_crops": {"choices": [0, 2]},
+                                                "model.head.out_dim": {"choices": [64, 128]}}))
+    study = open_study(space, f"sqlite:///{tmp_path / 'bf.db'}")
+    searcher = StudySearcher(study, space, PruningBridge(space.pruner, space.constraints.knn_metric), 20, 1)
+    asked = []
+    for i in range(20):
+        spec = searcher.suggest(f"t{i}")
+        if spec == Searcher.FINISHED:
+            break
+        asked.append((spec["config"]["crops"]["local_crops"], spec["config"]["model"]["head"]["out_dim"]))
+        searcher.on_trial_complete(f"t{i}", {"phase": "done", "throughput_img_s": 10.0 + i, "knn_top1": 20.0,
+                                             "peak_memory_mb": 1.0, "time_total_s": 1.0})
+    # the baseline (2, 64) at its 2 seeds, then the other three configurations once each, then FINISHED
+    assert asked[:2] == [(2, 64), (2, 64)]
+    assert sorted(asked[2:]) == [(0, 64), (0, 128), (2, 128)]
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 5
 
 
 def test_relative_paths_in_base_overrides_become_absolute_so_trials_find_them(tmp_path, tiny_space):

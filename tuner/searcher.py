@@ -142,8 +142,8 @@ class StudySearcher(Searcher):
         for _ in range(100):
             if self.n_trials is not None and self._used() >= self.n_trials:
                 return Searcher.FINISHED
-            sampler = self.study.sampler
-            if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(self.study) and not self._queued():
+            exhausted = getattr(self.study.sampler, "is_exhausted", None)  # grid, bruteforce: every point tried
+            if exhausted is not None and exhausted(self.study) and not self._queued():
                 return Searcher.FINISHED
             trial = self.study.ask()
             trial.set_user_attr("driver", driver_id())  # whose trial it is, when several drivers share a study

@@ -247,13 +247,18 @@ class StudyBudget(_Strict):
         return self
 
 
-SAMPLERS = {"tpe": "TPESampler", "nsga2": "NSGAIISampler", "random": "RandomSampler", "grid": "GridSampler"}
+SAMPLERS = {"tpe": "TPESampler", "nsga2": "NSGAIISampler", "random": "RandomSampler", "grid": "GridSampler",
+            "gp": "GPSampler", "qmc": "QMCSampler", "bruteforce": "BruteForceSampler"}
+# Not here: CmaEsSampler, which refuses a study of two objectives (the tuner's: throughput and kNN) and
+# samples no categorical knob itself.
 
 
 class SamplerSpec(_Strict):
-    """Optuna sampler: tpe, nsga2, random or grid, with a seed and the sampler's own arguments."""
+    """Optuna sampler, with a seed and the sampler's own arguments (`args`, passed through): tpe, nsga2,
+    random, grid, gp (Gaussian-process BO), qmc (a quasi-Monte Carlo sequence, the same at every seed unless
+    `args: {scramble: true}`) or bruteforce (every configuration once, in a random order, like a shuffled grid)."""
 
-    name: Literal["tpe", "nsga2", "random", "grid"] = "tpe"
+    name: Literal["tpe", "nsga2", "random", "grid", "gp", "qmc", "bruteforce"] = "tpe"
     seed: int | None = 0
     args: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments of the Optuna sampler.")
 
@@ -435,10 +440,10 @@ class SearchSpace(_Strict):
         if self.ray.workers_per_trial > 1 and self.trial.rungs:
             raise ConfigError(f"{src}: ray.workers_per_trial {self.ray.workers_per_trial}: promotion rungs (trial.rungs) "
                               "continue a trial in one process, which would change its math; use one or the other")
-        if self.sampler.name == "grid":
+        if self.sampler.name in ("grid", "bruteforce"):
             for name, param in self.params.items():
                 if param.choices is None and not param.is_int:
-                    raise ConfigError(f"{src}: params.{name}: the grid sampler needs choices or an int range")
+                    raise ConfigError(f"{src}: params.{name}: the {self.sampler.name} sampler needs choices or an int range")
         try:
             self.build_sampler()
         except (TypeError, ValueError) as exc:
@@ -462,7 +467,8 @@ class SearchSpace(_Strict):
 
     def build_sampler(self) -> optuna.samplers.BaseSampler:
         """The configured Optuna sampler."""
-        cls = _AskTellGridSampler if self.sampler.name == "grid" else getattr(optuna.samplers, SAMPLERS[self.sampler.name])
+        special = {"grid": _AskTellGridSampler, "bruteforce": _AskTellBruteForceSampler}
+        cls = special.get(self.sampler.name) or getattr(optuna.samplers, SAMPLERS[self.sampler.name])
         args = dict(self.sampler.args)
         if self.sampler.name == "grid":
             args.setdefault("search_space", {n: _grid_values(p) for n, p in self.params.items()})
@@ -509,6 +515,35 @@ class _AskTellGridSampler(optuna.samplers.GridSampler):
 
     def after_trial(self, study, trial, state, values) -> None:
         return None  # GridSampler's own after_trial only stops an `optimize` loop
+
+
+class _AskTellBruteForceSampler(optuna.samplers.BruteForceSampler):
+    """BruteForceSampler for ask/tell: each configuration once, in a random order.
+
+    Optuna's calls `Study.stop()` once every configuration has been tried, which only works inside
+    `optimize`; here that marks the sampler exhausted, and the searcher ends the study (as with the grid).
+    """
+
+    exhausted = False
+
+    def after_trial(self, study, trial, state, values) -> None:
+        super().after_trial(_StopMarks(study, self), trial, state, values)
+
+    def is_exhausted(self, study) -> bool:
+        return self.exhausted
+
+
+class _StopMarks:
+    """The study as BruteForceSampler.after_trial sees it: `stop()` marks the sampler exhausted."""
+
+    def __init__(self, study, sampler: _AskTellBruteForceSampler):
+        self._study, self._sampler = study, sampler
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def stop(self) -> None:
+        self._sampler.exhausted = True
 
 
 def _apply(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
