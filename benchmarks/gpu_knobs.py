@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="", help="override system.device (default: the space's)")
     p.add_argument("--json", type=Path, help="also write every measurement here (rewritten after each one)")
     args = p.parse_args(argv)
+    if not args.space.is_file():
+        p.error(f"--space: no such file: {args.space}")
 
     reuse_data_sets()
     base, name = space_config(args.space)
