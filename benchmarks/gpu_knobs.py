@@ -52,6 +52,7 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "system knobs together": ({"system.tf32": True, "system.precision": "bf16", "system.channels_last": True,
                                "optim.fused": True, "system.pin_memory": True}, ""),
     "compile (default)": ({"system.compile": "default"}, "approximate"),
+    "compile (default, static shapes)": ({"system.compile": "default", "system.compile_dynamic": False}, "approximate"),
     "compile (reduce-overhead)": ({"system.compile": "reduce-overhead"}, "approximate"),
     "system knobs + compile": ({"system.tf32": True, "system.precision": "bf16", "system.channels_last": True,
                                 "optim.fused": True, "system.pin_memory": True, "system.compile": "default"}, ""),
@@ -77,7 +78,7 @@ def space_config(path: Path) -> tuple[TrainConfig, str]:
 
 def eager_of(overrides: dict) -> dict:
     """The same variant without torch.compile (compile "off" is the default, so it is left out)."""
-    return {k: v for k, v in overrides.items() if k != "system.compile"}
+    return {k: v for k, v in overrides.items() if k not in ("system.compile", "system.compile_dynamic")}
 
 
 def cpu_model() -> str:
