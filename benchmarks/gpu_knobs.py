@@ -32,35 +32,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer import ConfigError, TrainConfig  # noqa: E402
 from trainer.engine import train  # noqa: E402
+from trainer.knobs import knob_class  # noqa: E402
 from trainer.table import format_table  # noqa: E402
 
 #: name -> (overrides on top of the baseline, the knob's class as trainer/knobs.py declares it)
-VARIANTS: dict[str, tuple[dict, str]] = {
-    "baseline": ({}, ""),
-    "tf32": ({"system.tf32": True}, "approximate"),
-    "cudnn_benchmark": ({"system.cudnn_benchmark": True}, "approximate"),
-    "bf16": ({"system.precision": "bf16"}, "approximate"),
-    "fp16 + scaler": ({"system.precision": "fp16"}, "approximate"),
-    "channels_last": ({"system.channels_last": True}, "approximate"),
-    "fused AdamW": ({"optim.fused": True}, "approximate"),
-    "pin_memory": ({"system.pin_memory": True}, "exact"),
-    "workers 8, prefetch 4, persistent": ({"system.num_workers": 8, "system.prefetch_factor": 4,
-                                           "system.persistent_workers": True}, "exact"),
-    "local crops 2": ({"crops.local_crops": 2}, "method"),
-    "out_dim 16384": ({"model.head.out_dim": 16384}, "method"),
-    "batch 256": ({"optim.batch_size": 256}, "method"),
-    "system knobs together": ({"system.tf32": True, "system.precision": "bf16", "system.channels_last": True,
-                               "optim.fused": True, "system.pin_memory": True}, ""),
-    "compile (default)": ({"system.compile": "default"}, "approximate"),
-    "compile (default, static shapes)": ({"system.compile": "default", "system.compile_dynamic": False}, "approximate"),
-    "compile (reduce-overhead)": ({"system.compile": "reduce-overhead"}, "approximate"),
-    "system knobs + compile": ({"system.tf32": True, "system.precision": "bf16", "system.channels_last": True,
-                                "optim.fused": True, "system.pin_memory": True, "system.compile": "default"}, ""),
-    "all + crops 2, batch 256": ({"system.tf32": True, "system.precision": "bf16", "system.channels_last": True,
+#: name -> overrides on top of the baseline
+VARIANTS: dict[str, dict] = {
+    "baseline": {},
+    "tf32": {"system.tf32": True},
+    "cudnn_benchmark": {"system.cudnn_benchmark": True},
+    "bf16": {"system.precision": "bf16"},
+    "fp16 + scaler": {"system.precision": "fp16"},
+    "channels_last": {"system.channels_last": True},
+    "fused AdamW": {"optim.fused": True},
+    "pin_memory": {"system.pin_memory": True},
+    "workers 8, prefetch 4, persistent": {"system.num_workers": 8, "system.prefetch_factor": 4,
+                                           "system.persistent_workers": True},
+    "local crops 2": {"crops.local_crops": 2},
+    "out_dim 16384": {"model.head.out_dim": 16384},
+    "batch 256": {"optim.batch_size": 256},
+    "system knobs together": {"system.tf32": True, "system.precision": "bf16", "system.channels_last": True,
+                               "optim.fused": True, "system.pin_memory": True},
+    "compile (default)": {"system.compile": "default"},
+    "compile (default, static shapes)": {"system.compile": "default", "system.compile_dynamic": False},
+    "compile (reduce-overhead)": {"system.compile": "reduce-overhead"},
+    "system knobs + compile": {"system.tf32": True, "system.precision": "bf16", "system.channels_last": True,
+                                "optim.fused": True, "system.pin_memory": True, "system.compile": "default"},
+    "all + crops 2, batch 256": {"system.tf32": True, "system.precision": "bf16", "system.channels_last": True,
                                   "optim.fused": True, "system.pin_memory": True, "system.compile": "default",
-                                  "crops.local_crops": 2, "optim.batch_size": 256}, ""),
-    "compile (max-autotune)": ({"system.compile": "max-autotune"}, "approximate"),
+                                  "crops.local_crops": 2, "optim.batch_size": 256},
+    "compile (max-autotune)": {"system.compile": "max-autotune"},
 }
+
+
+def variant_class(overrides: dict) -> str:
+    """The widest class (trainer/knobs.py) of the knobs a variant changes: method > approximate > exact."""
+    classes = {knob_class(path) for path in overrides}
+    return next((c for c in ("method", "approximate", "exact") if c in classes), "")
 
 
 def space_config(path: Path) -> tuple[TrainConfig, str]:
@@ -150,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
     rows = [v for v in VARIANTS if v == "baseline" or not wanted or any(v.startswith(w) for w in wanted)]
     if args.no_compile:
-        rows = [v for v in rows if VARIANTS[v][0].get("system.compile", "off") == "off"]
+        rows = [v for v in rows if VARIANTS[v].get("system.compile", "off") == "off"]
     device = torch.cuda.get_device_name(0) if base.system.device == "cuda" and torch.cuda.is_available() else cpu_model()
     print(f"space {name}: {len(rows)} rows x {args.rounds} rounds on {device}; torch {torch.__version__}", flush=True)
 
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for r in range(args.rounds):
             for v in rows:
-                overrides = VARIANTS[v][0]
+                overrides = VARIANTS[v]
                 if r > 0 and overrides.get("system.compile", "off") != "off":
                     continue  # compiling again measures the same thing at a minute a row
                 m = measure(base.with_overrides(overrides, source=v))
@@ -195,13 +203,13 @@ def table_rows(rows: list[str], results: dict[str, list[dict]]) -> list[list]:
     for v in rows:
         ok = [m for m in results[v] if m["status"] == "ok"]
         if not ok:
-            table.append([v, VARIANTS[v][1], results[v][0]["status"] if results[v] else "not run", "", "", "", "", ""])
+            table.append([v, variant_class(VARIANTS[v]), results[v][0]["status"] if results[v] else "not run", "", "", "", "", ""])
             continue
         ratios = [m["img_s"] / b for m, b in zip(results[v], base_rounds) if m["status"] == "ok" and b]
-        compiled = VARIANTS[v][0].get("system.compile", "off") != "off"
-        eager_name = next((e for e in rows if compiled and VARIANTS[e][0] == eager_of(VARIANTS[v][0])), None)
+        compiled = VARIANTS[v].get("system.compile", "off") != "off"
+        eager_name = next((e for e in rows if compiled and VARIANTS[e] == eager_of(VARIANTS[v])), None)
         even = break_even(ok[0], results[eager_name][0]) if eager_name and results[eager_name] else ""
-        table.append([v, VARIANTS[v][1], f"{statistics.median(m['img_s'] for m in ok):.1f}",
+        table.append([v, variant_class(VARIANTS[v]), f"{statistics.median(m['img_s'] for m in ok):.1f}",
                       f"x{statistics.median(ratios):.2f}" if ratios else "", f"{ok[0]['step_ms']:.1f}",
                       f"{ok[0]['compile_s']:.1f}" if ok[0]["compile_s"] else "", even, f"{ok[0]['peak_mb']:.0f}"])
     return table
