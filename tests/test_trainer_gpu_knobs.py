@@ -33,6 +33,20 @@ def test_compile_wraps_only_the_backbone_and_keeps_state_dict_keys(monkeypatch, 
     assert compiled_keys == eager_keys  # checkpoints, exports and warm starts see the same module tree
 
 
+def test_every_compiled_run_starts_from_empty_compile_caches(monkeypatch, one_thread):
+    # several runs in one process (tuner confirm, explain, a reused Ray actor): code compiled by an earlier
+    # run would count against dynamo's recompile limit, past which the backbone runs eagerly unannounced
+    import torch._dynamo as dynamo
+
+    resets: list[int] = []
+    monkeypatch.setattr(dynamo, "reset", lambda: resets.append(1))
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None, dynamic=None, **kw: module)
+    for _ in range(2):
+        assert engine.train(tiny_config(budget__steps=1, eval__at_start=False, system__compile="default")).status == "ok"
+    assert engine.train(tiny_config(budget__steps=1, eval__at_start=False)).status == "ok"
+    assert len(resets) == 2  # once per compiled run, never for an eager one
+
+
 def test_a_run_of_grad_scaler_skips_is_a_failure_but_single_skips_are_not(monkeypatch, one_thread):
     ok = engine.train(tiny_config(budget__steps=4, eval__at_start=False, system__precision="fp16"))
     assert ok.status == "ok"  # fp16 starts at scale 2**16: its first steps are skipped, by design

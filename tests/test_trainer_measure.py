@@ -9,7 +9,9 @@ step leaves a marker, so the test reads the exact order of steps and synchroniza
 from __future__ import annotations
 
 import json
+import os
 
+import pytest
 import torch
 from trainer_tiny import one_thread, tiny_config  # noqa: F401 (a fixture)
 
@@ -60,3 +62,13 @@ def test_without_profiled_steps_there_is_no_phase_breakdown_and_no_synchronizati
     assert calls == ["sync"] * 4  # two windows, two ends each
     assert result.speed.profiled_step_range == [5, 5] and all(ms == 0.0 for ms in result.speed.phases_ms.values())
     assert result.summary["steps"] == 5  # speed_only stops when the speed phase is done
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs to reset the peak")
+def test_peak_memory_is_each_runs_own_when_one_process_runs_several(one_thread):
+    # a 65536-wide head holds hundreds of MB (weights, gradients, AdamW's state, the teacher's copy)
+    big = engine.train(tiny_config(budget__steps=2, eval__at_start=False, model__head__out_dim=65536,
+                                   model__head__hidden_dim=512, model__head__bottleneck_dim=256))
+    small = engine.train(tiny_config(budget__steps=2, eval__at_start=False))
+    assert big.status == small.status == "ok"
+    assert big.summary["peak_memory_mb"] > small.summary["peak_memory_mb"] + 100

@@ -31,7 +31,7 @@ from trainer.distributed import average_batchnorm_statistics, sync_batchnorm_vie
 from trainer.events import Callback, SpeedReport, TrainingFailure
 from trainer.knn import extract_features, weighted_knn
 from trainer.loss import DINOLoss, view_agreement
-from trainer.measure import PhaseTimer, SpeedClock, peak_memory_mb, summarize_windows
+from trainer.measure import PhaseTimer, SpeedClock, peak_memory_mb, reset_peak_memory, summarize_windows
 from trainer.model import DINOHead, MultiCropWrapper, build_backbone
 from trainer.runlog import LOG, RunLog
 from trainer.schedules import cosine_schedule
@@ -200,6 +200,10 @@ class Run:
             import torch._dynamo as dynamo
 
             mode = None if cfg.system.compile == "default" else cfg.system.compile
+            # Each run compiles afresh: code compiled by an earlier run in this process (tuner confirm and
+            # explain measure several runs in one process) would otherwise count against dynamo's cache
+            # limit, past which it runs the backbone eagerly without a word, and would hide compile time.
+            dynamo.reset()
             dynamo.config.suppress_errors = cfg.system.compile_fallback
             # The backbone only (the head and loss stay eager), in the modules a training step runs.
             for wrapper in (self.student, teacher_step):
@@ -525,6 +529,7 @@ def train(config: TrainConfig, callback: Callback | None = None, out_dir: str | 
     if run.out_dir is not None and run.dist.main:
         run.run_log = RunLog(run.out_dir / LOG, append=resume)
     t_start = time.perf_counter()
+    reset_peak_memory(run.device)
     try:
         run.build()
         return _loop(run, resume, speed_only, t_start)

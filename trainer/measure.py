@@ -126,10 +126,33 @@ class SpeedClock:
         return len(self.windows) == self.n_windows and len(self.profile_s) >= self.profile_steps
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a run's peak memory afresh, so a process that runs several (`tuner confirm`, a Ray actor
+    reused between trials, a benchmark) reports each run's own peak, not the largest so far. On Linux
+    the resident set's high-water mark is reset through /proc/self/clear_refs; where that is not
+    possible the CPU figure stays the process's peak (`peak_memory_mb` then reads `ru_maxrss`)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """Peak device memory on CUDA, else the process's peak resident set size, in MiB."""
+    """Peak device memory on CUDA, else the process's peak resident set size, in MiB, since the last
+    `reset_peak_memory`."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0, "cpu_peak_rss"
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "cpu_peak_rss"
 
 
