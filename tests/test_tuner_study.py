@@ -346,3 +346,33 @@ def test_processes_opening_a_new_database_at_once_all_get_it(tmp_path):
     while not errors.empty():
         found.append(errors.get())
     assert found == []
+
+
+def test_trials_can_run_one_after_another_in_one_reused_actor(ray_session, tiny_space, tmp_path, monkeypatch):
+    from tuner import run
+
+    monkeypatch.chdir(tmp_path)
+    path = tiny_space(tmp_path, "reuse", constraints={"knn_noise_seeds": 1}, budget={"n_trials": 4},
+                      sampler={"name": "grid"}, ray={"torch_threads": 1, "reuse_actors": True},
+                      params={"crops.local_crops": {"choices": [0, 2]}, "env.TRAINER_PROBE": {"choices": ["a", "b"]}})
+    summary = run(path, progress=None, confirm_rounds=0)
+    assert summary.states == {"COMPLETE": 4}
+    results = [json.loads(line) for f in (tmp_path / "studies" / "reuse").rglob("result.json")
+               for line in f.read_text().splitlines() if line.strip()]
+    assert len({r["trial_id"] for r in results}) == 4
+    assert len({r["pid"] for r in results}) == 1  # Ray Tune reports each result's process: one actor ran them all
+    assert "TRAINER_PROBE" not in os.environ
+
+
+def test_a_trials_environment_variables_are_set_for_it_and_restored_after_it(monkeypatch):
+    from tuner.trial import _environment
+
+    monkeypatch.setenv("TRAINER_KEPT", "before")
+    monkeypatch.delenv("TRAINER_NEW", raising=False)
+    with _environment({"TRAINER_KEPT": "during", "TRAINER_NEW": "1"}):
+        assert os.environ["TRAINER_KEPT"] == "during" and os.environ["TRAINER_NEW"] == "1"
+    assert os.environ["TRAINER_KEPT"] == "before" and "TRAINER_NEW" not in os.environ
+    with pytest.raises(RuntimeError):  # a failing trial restores it too
+        with _environment({"TRAINER_NEW": "2"}):
+            raise RuntimeError("trial failed")
+    assert "TRAINER_NEW" not in os.environ

@@ -103,7 +103,8 @@ def _search(space: SearchSpace, study, bridge: PruningBridge, lock: StudyLock, u
         tuner = tune.Tuner(
             tune.with_resources(run_trial, resources),
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=PruningScheduler(bridge), num_samples=-1,
-                                        max_concurrent_trials=concurrency, time_budget_s=timeout_s),
+                                        max_concurrent_trials=concurrency, time_budget_s=timeout_s,
+                                        reuse_actors=space.ray.reuse_actors),
             run_config=tune.RunConfig(storage_path=str(ray_dir), name=f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                                       verbose=0, failure_config=tune.FailureConfig(max_failures=0)),
         )

@@ -320,6 +320,11 @@ class RaySettings(_Strict):
     torch_threads: int | None = Field(
         None, ge=1, description="torch threads in a trial (default: the trial's CPUs; fewer helps when other "
         "processes share the CPU, where spinning OpenMP threads slow a step down many times).")
+    reuse_actors: bool = Field(
+        False, description="Run trials one after another in the same Ray actor (process), saving each trial the "
+        "actor's start and the imports of torch and the trainer (seconds a trial). Each trial still builds its own "
+        "data, models and compiled code, and sets its own environment variables and peak-memory counter; what a "
+        "process keeps (the allocator's state, loaded modules) carries over.")
 
 
 class SearchSpace(_Strict):

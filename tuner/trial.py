@@ -33,6 +33,26 @@ SUMMARY_FIELDS = ("throughput_img_s", "throughput_spread", "world_size", "images
 
 def run_trial(spec: dict[str, Any]) -> None:
     """Ray Tune trainable: `spec` is what the searcher suggested (config, trial overrides, env, cpus, timeout)."""
+    # the environment is restored afterwards: with `ray.reuse_actors` the next trial runs in this process
+    with _environment({k: str(v) for k, v in (spec.get("env") or {}).items()}):
+        _run(spec)
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run(spec: dict[str, Any]) -> None:
     import ray
     from ray import tune
 
@@ -41,7 +61,6 @@ def run_trial(spec: dict[str, Any]) -> None:
     from trainer import ConfigError, TrainConfig, train
     from tuner.study import hardware_fingerprint
 
-    os.environ.update({k: str(v) for k, v in (spec.get("env") or {}).items()})
     workers = max(1, int(spec.get("workers") or 1))
     threads = max(1, int(spec.get("cpus") or 1) // workers)
     torch.set_num_threads(threads)
@@ -137,16 +156,10 @@ def ranks(config, workers: int, threads: int):
     children = [subprocess.Popen([sys.executable, "-m", "tuner.trial", f.name, str(threads)],
                                  env={**os.environ, **shared, "RANK": str(r), "LOCAL_RANK": str(r)})
                 for r in range(1, workers)]
-    saved = {k: os.environ.get(k) for k in (*shared, "RANK", "LOCAL_RANK")}
-    os.environ.update({**shared, "RANK": "0", "LOCAL_RANK": "0"})
     try:
-        yield
+        with _environment({**shared, "RANK": "0", "LOCAL_RANK": "0"}):
+            yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         for child in children:
             try:
                 child.wait(timeout=120)
