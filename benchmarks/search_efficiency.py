@@ -77,7 +77,7 @@ def config_key(space: SearchSpace, config: dict) -> str:
 
 # ---- --measure: the real grid --------------------------------------------------------------------
 
-def measure(out: Path) -> None:
+def measure(out: Path, reuse_actors: bool = False) -> None:
     import optuna
     import ray
 
@@ -85,7 +85,8 @@ def measure(out: Path) -> None:
     from tuner.searcher import StudySearcher
     from tuner.study import hardware_fingerprint
 
-    space = load_space(sampler={"name": "grid"}, pruner={"speed": "none", "quality": "none"})
+    space = load_space(sampler={"name": "grid"}, pruner={"speed": "none", "quality": "none"},
+                       ray={"torch_threads": 1, "reuse_actors": reuse_actors})
     speed_s: dict[int, float] = {}
     original = StudySearcher.on_trial_result
 
@@ -123,7 +124,8 @@ def measure(out: Path) -> None:
     shutil.rmtree(ray_tmp, ignore_errors=True)
     hw = hardware_fingerprint()
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpu_model": hw["cpu_model"], "cpu_cores": hw["cpu_cores"],
-                               "torch": hw["torch"], "wall_s": wall, "space": SPACE.name, "trials": rows}, indent=1) + "\n")
+                               "torch": hw["torch"], "wall_s": wall, "space": SPACE.name, "reuse_actors": reuse_actors,
+                               "trials": rows}, indent=1) + "\n")
     print(f"wrote {out} ({len(rows)} trials, {wall:.0f} s); the study: studies/search-efficiency-grid.db")
 
 
@@ -234,6 +236,8 @@ def main() -> int:
     p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--measure", action="store_true", help="run the real grid and write the table (slow)")
     p.add_argument("--table", type=Path, default=TABLE, help=f"the measured grid (default {TABLE.name})")
+    p.add_argument("--reuse-actors", action="store_true",
+                   help="with --measure: run the grid's trials in one reused Ray actor (ray.reuse_actors)")
     p.add_argument("--seeds", type=int, default=10, help="sampler seeds (default 10: seeds 0-9)")
     p.add_argument("--budget", type=float, default=0.30, help="trial-seconds per seed, as a fraction of the grid's (0.30)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS),
@@ -250,7 +254,7 @@ def main() -> int:
     if args.measure and (args.sampler or args.sampler_args is not None or args.pruner or args.pruner_args is not None):
         p.error("--measure runs the grid (no sampler choice, no pruner); --sampler and --pruner are for the simulation")
     if args.measure:
-        measure(args.table)
+        measure(args.table, args.reuse_actors)
         return 0
     if not args.table.exists():
         p.error(f"{args.table}: no measured grid; run with --measure first")
