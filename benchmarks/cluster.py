@@ -25,6 +25,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trainer.measure import cpu_model  # noqa: E402
 from tuner.shipped import resolve_space_path  # noqa: E402
 
 
@@ -61,9 +62,7 @@ def main() -> None:
     p.add_argument("--nodes", type=int, nargs="+", default=[1, 2])
     args = p.parse_args()
     rows = [run_once(n) for n in args.nodes]
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "?")
-    print(f"smoke study on a local Ray cluster ({cpu})")
+    print(f"smoke study on a local Ray cluster ({cpu_model()})")
     print(f"{'worker nodes':>12}  {'wall s':>7}  trials per node          states")
     for r in rows:
         nodes = ", ".join(f"{k} {v}" for k, v in sorted(r["per_node"].items()))

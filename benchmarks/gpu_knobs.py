@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import signal
 import statistics
 import sys
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trainer import ConfigError, TrainConfig  # noqa: E402
 from trainer.engine import train  # noqa: E402
 from trainer.knobs import knob_class  # noqa: E402
+from trainer.measure import cpu_model  # noqa: E402
 from trainer.table import format_table  # noqa: E402
 
 #: name -> (overrides on top of the baseline, the knob's class as trainer/knobs.py declares it)
@@ -87,13 +87,6 @@ def space_config(path: Path) -> tuple[TrainConfig, str]:
 def eager_of(overrides: dict) -> dict:
     """The same variant without torch.compile (compile "off" is the default, so it is left out)."""
     return {k: v for k, v in overrides.items() if k not in ("system.compile", "system.compile_dynamic")}
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 def reuse_data_sets() -> None:

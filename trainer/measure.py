@@ -11,10 +11,12 @@ profiled steps after the windows and never mixed into the throughput.
 
 from __future__ import annotations
 
+import platform
 import resource
 import statistics
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -161,3 +163,14 @@ def summarize_windows(throughputs: list[float]) -> tuple[float, float]:
     median = statistics.median(throughputs)
     spread = (max(throughputs) - min(throughputs)) / median if median > 0 else 0.0
     return median, spread
+
+
+def cpu_model() -> str:
+    """The CPU's model name (written beside every figure: speedups hold only on the machine measured)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -27,6 +27,7 @@ import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
 from trainer.config import ConfigError
+from trainer.measure import cpu_model
 from tuner.space import SearchSpace, first_difference
 
 OBJECTIVES = ("throughput_img_s", "knn_top1")
@@ -356,22 +357,12 @@ def hardware_fingerprint() -> dict[str, Any]:
     return {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "gpu_count": torch.cuda.device_count() if cuda else 0,
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "host": platform.node(),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def resolve_study(study: str, study_name: str | None = None) -> tuple[str, str]:
