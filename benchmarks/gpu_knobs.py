@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trainer import ConfigError, TrainConfig  # noqa: E402
 from trainer.engine import train  # noqa: E402
 from trainer.knobs import knob_class  # noqa: E402
-from trainer.measure import cpu_model  # noqa: E402
+from trainer.measure import break_even_steps, cpu_model  # noqa: E402
 from trainer.table import format_table  # noqa: E402
 
 #: name -> (overrides on top of the baseline, the knob's class as trainer/knobs.py declares it)
@@ -126,10 +126,8 @@ def break_even(compiled: dict, eager: dict) -> str:
     """Steps after which the compiled run (compile time + its steps) is ahead of eager."""
     if compiled.get("status") != "ok" or eager.get("status") != "ok":
         return ""
-    gain_ms = eager["step_ms"] - compiled["step_ms"]
-    if gain_ms <= 0:
-        return "never"
-    return str(int(compiled["compile_s"] * 1000 / gain_ms) + 1)
+    steps = break_even_steps(compiled["compile_s"], eager["step_ms"] / 1000, compiled["step_ms"] / 1000)
+    return "never" if steps is None else str(int(steps) + 1)
 
 
 def main(argv: list[str] | None = None) -> int:

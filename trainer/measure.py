@@ -174,3 +174,10 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def break_even_steps(compile_s: float, eager_step_s: float, compiled_step_s: float) -> float | None:
+    """After how many optimizer steps a compiled run, compile time included, is ahead of running eager
+    (None: the compiled step is not faster, so never)."""
+    saved_per_step = eager_step_s - compiled_step_s
+    return compile_s / saved_per_step if saved_per_step > 0 else None

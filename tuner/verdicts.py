@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial
 
 from trainer.config import ConfigError, TrainConfig
 from trainer.knobs import METHOD, differences, knob_class
+from trainer.measure import break_even_steps
 
 #: Fields that say how a trial is measured or seeded, not how it trains.
 IGNORED_PREFIXES = ("system.seed", "measure.", "eval.", "checkpoint_every_steps", "budget.time_limit_s",
@@ -115,8 +116,7 @@ def compile_break_even(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any
                 against = "the same configuration without compile (tuner explain)"
     if not reference or not images:
         return None
-    saved_per_step = images / reference - images / throughput
-    steps = compile_s / saved_per_step if saved_per_step > 0 else None
+    steps = break_even_steps(compile_s, images / reference, images / throughput)
     text = (f"torch.compile took {compile_s:.0f} s; " +
             (f"ahead of {against} after about {steps:,.0f} steps" if steps is not None
              else f"never ahead of {against} (not faster per step)"))
