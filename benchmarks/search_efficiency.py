@@ -346,10 +346,7 @@ def changed_sections(space: SearchSpace, args) -> dict:
 
 def describe_sampler(space: SearchSpace) -> str:
     """The sampler as built, with the arguments the tuner adds (tpe: multivariate, constant liar)."""
-    args = {**space.sampler.args}
-    if space.sampler.name == "tpe":
-        args = {"multivariate": True, "constant_liar": True, **args}
-    inner = ", ".join(f"{k}={v}" for k, v in args.items())
+    inner = ", ".join(f"{k}={v}" for k, v in space.sampler_args().items())
     return f"{space.sampler.name}({inner})" if inner else space.sampler.name
 
 

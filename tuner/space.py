@@ -474,13 +474,16 @@ class SearchSpace(_Strict):
         """The configured Optuna sampler."""
         special = {"grid": _AskTellGridSampler, "bruteforce": _AskTellBruteForceSampler}
         cls = special.get(self.sampler.name) or getattr(optuna.samplers, SAMPLERS[self.sampler.name])
-        args = dict(self.sampler.args)
+        args = self.sampler_args()
         if self.sampler.name == "grid":
             args.setdefault("search_space", {n: _grid_values(p) for n, p in self.params.items()})
-        if self.sampler.name == "tpe":
-            args.setdefault("multivariate", True)
-            args.setdefault("constant_liar", True)  # parallel trials on several GPUs
         return cls(seed=self.sampler.seed, **args)
+
+    def sampler_args(self) -> dict[str, Any]:
+        """The sampler's keyword arguments: the tuner's defaults (tpe: multivariate, with a constant liar for
+        parallel trials on several GPUs), then the space's `sampler.args` over them."""
+        defaults = {"multivariate": True, "constant_liar": True} if self.sampler.name == "tpe" else {}
+        return {**defaults, **self.sampler.args}
 
     def sections(self) -> dict[str, Any]:
         """The sections that define what a trial measures, as plain data (stored with the study)."""
