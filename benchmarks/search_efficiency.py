@@ -86,7 +86,7 @@ def measure(out: Path, reuse_actors: bool = False) -> None:
     from tuner.study import hardware_fingerprint
 
     space = load_space(sampler={"name": "grid"}, pruner={"speed": "none", "quality": "none"},
-                       ray={"torch_threads": 1, "reuse_actors": reuse_actors})
+                       ray={**load_space().ray.model_dump(exclude_unset=True), "reuse_actors": reuse_actors})
     speed_s: dict[int, float] = {}
     original = StudySearcher.on_trial_result
 
