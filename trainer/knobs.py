@@ -105,6 +105,8 @@ NOT_KNOBS: dict[str, str] = {
     "system.device": "the hardware a run is on, not a setting of it",
     "system.seed": "a replicate, not a knob (the study runs seeds itself)",
     "system.compile_fallback": "what to do when compiling fails, not how fast a run is",
+    "system.host_allocator": "a setting of the whole process, which a run cannot undo for the next run in it "
+                             "(freed blocks stay in the heap), so every run of a study shares one",
     "budget.time_limit_s": "a wall-clock limit",
     "budget.stop_at_step": "where a run segment ends (set by the study's trial budget and promotion rungs)",
     "eval.knn_k": "the evaluation's definition",
