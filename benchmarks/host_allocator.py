@@ -38,7 +38,9 @@ def bench(overrides: str, policy: str) -> dict:
     """`trainer bench default ... --json` in a fresh process, with what it cost the kernel."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, "-m", "trainer", "bench", "default", *overrides.split(),
-                          f"system.host_allocator={policy}", "--json"], capture_output=True, text=True, check=True)
+                          f"system.host_allocator={policy}", "--json"], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"trainer bench {overrides} failed: {(out.stderr.strip().splitlines() or ['no message'])[-1]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = json.loads(out.stdout)
     return {"img_s": result["throughput_img_s"], "peak_mb": result["peak_memory_mb"],
