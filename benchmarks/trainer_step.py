@@ -14,6 +14,8 @@ all crops, DINO loss, backward, AdamW, teacher EMA.
 
 Rounds alternate A/B (and the order within a round) so drift on a shared machine hits both sides alike;
 the table reports the median over rounds. `--profile` adds our per-phase times (the engine's PhaseTimer).
+All sides run in one process and so under one host allocator policy (`--host-allocator`, default the
+trainer's `retain`): it changes how memory is obtained, not the step, and both steps gain from it alike.
 
     python benchmarks/trainer_step.py                  # both cases, default rounds
     python benchmarks/trainer_step.py --cases a --rounds 3 --steps 2 --profile
@@ -35,8 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer import TrainConfig  # noqa: E402
+from trainer.allocator import set_host_allocator  # noqa: E402
 from trainer.engine import Run  # noqa: E402
 from trainer.events import PHASES  # noqa: E402
+from trainer.measure import cpu_model  # noqa: E402
 from trainer.table import format_table  # noqa: E402
 
 
@@ -302,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per implementation first")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on the CPU (0: torch's default)")
+    p.add_argument("--host-allocator", default="retain", choices=["retain", "system"],
+                   help="glibc's policy for large blocks, for this whole process, so all sides alike (trainer.allocator; "
+                   "default: the trainer's)")
     p.add_argument("--profile", action="store_true", help="also print our per-phase ms per step")
     p.add_argument("--torch-profile", action="store_true", help="also print torch.profiler's top operators, ours and official")
     args = p.parse_args(argv)
@@ -309,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                           ("cpu" if args.device == "auto" else args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    allocator = set_host_allocator(args.host_allocator)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+             f"CPU ({cpu_model()}), {torch.get_num_threads()} threads, host allocator {allocator}")
     print(f"ResNet-18, batch 64, 32 px global / 16 px local crops, fp32, AdamW; {where}; "
           f"{args.rounds} rounds x {args.steps} steps, median over rounds", flush=True)
     rows, profiles = [], []

@@ -242,6 +242,13 @@ def _bridge_with_history(space: SearchSpace, study) -> PruningBridge:
     return bridge
 
 
+#: The environment of this job's Ray workers. Ray Tune runs each trial in a thread of its own, whose first
+#: allocation would give it a glibc arena of its own, and such an arena maps every large block afresh
+#: whatever the trainer's `system.host_allocator` says (trainer/allocator.py): one arena keeps trials on
+#: the main heap from the first one on (the trainer sets the same limit for threads started after a run).
+WORKER_ENV = {"env_vars": {"MALLOC_ARENA_MAX": "1"}}
+
+
 def _init_ray(address: str | None, where: str = "--address") -> bool:
     """Start or join Ray unless this process already did; True when we must shut it down."""
     if ray.is_initialized():
@@ -252,7 +259,7 @@ def _init_ray(address: str | None, where: str = "--address") -> bool:
         # No address: a private local Ray, never a cluster someone else started with `ray start` on this
         # machine (Ray's default joins it, and its trials die when that cluster stops).
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING, configure_logging=True)
+                 logging_level=logging.WARNING, configure_logging=True, runtime_env=WORKER_ENV)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         if address is None:
             raise
