@@ -362,6 +362,10 @@ def test_trials_can_run_one_after_another_in_one_reused_actor(ray_session, tiny_
     assert len({r["trial_id"] for r in results}) == 4
     assert len({r["pid"] for r in results}) == 1  # Ray Tune reports each result's process: one actor ran them all
     assert "TRAINER_PROBE" not in os.environ
+    from tuner.study import load
+
+    # each trial stores the host allocator policy its run had in effect (the trainer's default here)
+    assert [t.user_attrs.get("host_allocator") for t in load("reuse").trials] == ["retain"] * 4
 
 
 def test_a_trials_environment_variables_are_set_for_it_and_restored_after_it(monkeypatch):
