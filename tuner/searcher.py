@@ -242,7 +242,7 @@ class StudySearcher(Searcher):
         if not left or left <= 0:
             return f"the baseline's trial took {base_s:.0f} s on this machine; trials are stopped at {limit:.0f} s"
         return (f"the baseline's trial took {base_s:.0f} s on this machine: the {left} trials left take about "
-                f"{left * base_s / 60:.0f} min if none is slower than the baseline, at most {left * limit / 60:.0f} min "
+                f"{_duration(left * base_s)} if none is slower than the baseline, at most {_duration(left * limit)} "
                 f"(each is stopped at {limit:.0f} s)")
 
     # ---- telling ------------------------------------------------------------------------------------
@@ -499,3 +499,8 @@ def progress_line(study: optuna.Study, number: int, n_trials: int | None, show_n
     if best is not None:
         parts.append(f"| best feasible #{best.number} x{speedup_of(study, best) or float('nan'):.2f}")
     return "  ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    """`40 s` under two minutes, else whole minutes (`12 min`)."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
