@@ -12,8 +12,9 @@ step, which also made that configuration's throughput swing with the host's stat
   thread's own arena maps large blocks whatever the settings, and a run in such a thread (as a Ray Tune
   trial is) measured the classic recipe 23-39% slower than in the main thread. The limit only keeps
   threads that start later on the main heap while no other arena exists yet, so the tuner starts its
-  Ray workers with MALLOC_ARENA_MAX=1, which holds from their first allocation. It changes no arithmetic; the process holds its
-  peak memory while it runs (a run's peak grows by a few percent: where blocks land in the heap).
+  Ray workers with MALLOC_ARENA_MAX=1, which holds from their first allocation. It changes no
+  arithmetic; the process holds its peak memory while it runs (a run's peak grows by a few percent:
+  where blocks land in the heap).
 - ``system``: glibc as it comes (a process this module never changed is left alone).
 
 The setting belongs to the process and outlives a run, so each run sets it on its way in, and first hands
