@@ -72,3 +72,18 @@ def test_peak_memory_is_each_runs_own_when_one_process_runs_several(one_thread):
     small = engine.train(tiny_config(budget__steps=2, eval__at_start=False))
     assert big.status == small.status == "ok"
     assert big.summary["peak_memory_mb"] > small.summary["peak_memory_mb"] + 100
+
+
+def test_the_cpu_is_named_with_its_vector_instructions():
+    # a VM's model name ("AMD EPYC") may hide whether it has AVX2 only or AVX-512 with native bf16
+    assert measure.vector_isa({"fpu", "sse2", "avx", "avx2", "fma"}) == "AVX2"
+    assert measure.vector_isa({"avx2", "avx512f", "avx512bw"}) == "AVX-512"
+    assert measure.vector_isa({"avx2", "avx512f", "avx512_bf16"}) == "AVX-512, BF16"
+    assert measure.vector_isa({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) == "AVX-512, AMX, BF16"
+    assert measure.vector_isa({"fp", "asimd"}) == ""  # not x86: the name alone
+    lines = open("/proc/cpuinfo").read().splitlines() if os.path.exists("/proc/cpuinfo") else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    flags = [set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")]
+    if names and flags:  # this machine, as the study's hardware fingerprint will name it
+        isa = measure.vector_isa(flags[0])
+        assert measure.cpu_model() == (f"{names[0]} ({isa})" if isa else names[0])
