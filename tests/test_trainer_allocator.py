@@ -43,7 +43,7 @@ out = {}
 for arg in sys.argv[1:]:
     policy, _, where = arg.partition(":")
     set_host_allocator(policy)
-    out[arg] = [host_allocator(), in_thread(5) if where == "thread" else faults(5)]
+    out[arg] = [host_allocator(), in_thread(10) if where == "thread" else faults(10)]
 print(json.dumps(out))
 """
 
@@ -58,7 +58,7 @@ def test_retain_stops_large_blocks_faulting_in_again():
     pages = 64 * 2**20 // 4096  # one 64 MiB block in 4 KiB pages
     (now_s, system), (now_r, retain) = out["system"], out["retain"]
     assert (now_s, now_r) == ("system", "retain")
-    assert system >= 5 * pages * 0.9  # under glibc as it comes every reuse faults the whole block in again
+    assert system >= 10 * pages * 0.9  # under glibc as it comes every reuse faults the whole block in again
     assert retain < pages  # the freed block is reused in place: at most stray pages fault
 
 
@@ -67,9 +67,10 @@ def test_retain_holds_in_a_thread_started_afterwards():
     # mmap settings say, so `retain` limits glibc to one arena
     pages = 64 * 2**20 // 4096
     now, system = _probe("system:thread")["system:thread"]
-    assert now == "system" and system >= 5 * pages * 0.9
+    assert now == "system" and system >= 10 * pages * 0.9
     now, retain = _probe("retain:thread")["retain:thread"]
-    assert now == "retain" and retain <= pages  # at most one block's pages over five reuses
+    # the thread's heap still grows now and then (0-2 blocks' pages over ten reuses measured), not every reuse
+    assert now == "retain" and retain <= 3 * pages
 
 
 def test_a_run_records_the_policy_and_each_run_peak_is_its_own_under_retain(one_thread):
