@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainer.allocator import set_host_allocator
+from trainer.allocator import host_allocator, set_host_allocator
 from trainer.augment import MultiCrop
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import EpochBatchSampler, build_splits, collate_batch
@@ -148,7 +148,6 @@ class Run:
         self.step = 0
         self.run_log: RunLog | None = None  # log.jsonl, on rank 0 when the run has a folder
         self.average_teacher_bn = False
-        self.host_allocator = "system"  # what `system.host_allocator` put in effect (trainer.allocator)
 
     # ---- events ---------------------------------------------------------------------------
 
@@ -531,7 +530,7 @@ def train(config: TrainConfig, callback: Callback | None = None, out_dir: str | 
     if run.out_dir is not None and run.dist.main:
         run.run_log = RunLog(run.out_dir / LOG, append=resume)
     t_start = time.perf_counter()
-    run.host_allocator = set_host_allocator(config.system.host_allocator)  # before the run allocates
+    set_host_allocator(config.system.host_allocator)  # before the run allocates
     reset_peak_memory(run.device)
     try:
         run.build()
@@ -681,7 +680,7 @@ def _summary(run: Run, speed: SpeedReport | None, initial, final, train_time: fl
         "epochs": run.step / run.steps_per_epoch, "wall_s": wall, "train_s": train_time,
         "build_s": run.build_s, "compile_s": s.get("compile_s", 0.0), "images_per_step": run.images_per_step,
         "final_loss": run.losses[-1] if run.losses else None, "device": str(run.device), "world_size": run.dist.world,
-        "host_allocator": run.host_allocator,
+        "host_allocator": host_allocator(),  # the policy in effect in this process (trainer.allocator)
         "evals": run.evals, **run.entropy_report(), "failure": None, **extra,
     }
 
