@@ -87,3 +87,63 @@ def test_the_cpu_is_named_with_its_vector_instructions():
     if names and flags:  # this machine, as the study's hardware fingerprint will name it
         isa = measure.vector_isa(flags[0])
         assert measure.cpu_model() == (f"{names[0]} ({isa})" if isa else names[0])
+
+
+def _epoch_config(workers: int, **overrides):
+    """256 synthetic images: more than 8 steps an epoch, so the epoch-start probe (steps 6-7) falls inside the first."""
+    extra = {"system__num_workers": workers, **overrides}
+    return tiny_config(data__synthetic_size=256, budget__steps=10, measure__warmup_steps=1, measure__window_steps=2,
+                       measure__windows=2, measure__profile_steps=1, measure__epoch_start_steps=2,
+                       eval__at_start=False, **extra)
+
+
+def test_with_workers_the_speed_phase_ends_with_an_epoch_start_whose_cost_the_throughput_spreads_over_the_epoch(
+        monkeypatch, one_thread):
+    iterators: list[int] = []
+    loader_iter = torch.utils.data.DataLoader.__iter__
+
+    def slow_start(self):  # each new iterator: an epoch's start that costs 0.5 s more than its steps
+        iterators.append(1)
+        import time
+        time.sleep(0.5)
+        return loader_iter(self)
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", slow_start)
+    calls: list[str] = []
+    monkeypatch.setattr(measure, "synchronize", lambda device: calls.append("sync"))
+    built: dict = {}
+    result = engine.train(_epoch_config(2), speed_only=True,
+                          callback=lambda event, payload: built.update(payload) if event == "build" else None)
+    speed = result.speed
+    assert len(iterators) == 2  # the first epoch's, then the probe's
+    assert calls == ["sync"] * (4 + 1 + len(PHASES) + 2)  # two windows' ends, the profiled step's, the probe's ends
+    assert speed.window_step_range == [1, 5] and speed.profiled_step_range == [5, 6]
+    assert speed.epoch_start_step_range == [6, 8] and result.summary["steps"] == 8
+    assert speed.window_throughput_img_s == pytest.approx(sum(speed.throughput_windows) / 2)  # the median of two
+    assert 0.4 < speed.epoch_start_s < 5.0
+    steps, ips = built["steps_per_epoch"], speed.images_per_step
+    assert steps > 8
+    expected = steps * ips / (steps * ips / speed.window_throughput_img_s + speed.epoch_start_s)
+    assert speed.throughput_img_s == pytest.approx(expected, rel=1e-12)
+    assert speed.throughput_img_s < speed.window_throughput_img_s
+    assert result.summary["epoch_start_s"] == speed.epoch_start_s
+    assert result.summary["window_throughput_img_s"] == speed.window_throughput_img_s
+
+
+def test_without_workers_there_is_no_epoch_start_probe_and_the_throughput_is_the_windows_median(monkeypatch, one_thread):
+    calls: list[str] = []
+    monkeypatch.setattr(measure, "synchronize", lambda device: calls.append("sync"))
+    speed = engine.train(_epoch_config(0), speed_only=True).speed
+    assert calls == ["sync"] * (4 + 1 + len(PHASES)) and speed.epoch_start_s is None and speed.epoch_start_step_range == []
+    assert speed.throughput_img_s == speed.window_throughput_img_s
+
+
+def test_the_epoch_start_probe_trains_on_the_same_batches(one_thread):
+    """The probe makes the loader's iterator afresh mid-epoch; it starts from the step's own batch, so a run
+    with workers (probe) and one without (no probe) see the same data and their losses agree exactly."""
+    with_probe = engine.train(_epoch_config(2))
+    without = engine.train(_epoch_config(0))
+    assert with_probe.speed.epoch_start_step_range == [6, 8] and without.speed.epoch_start_step_range == []
+    assert len(with_probe.losses) == 10 and with_probe.losses == without.losses
+    persistent = engine.train(_epoch_config(2, system__persistent_workers=True))
+    assert persistent.losses == without.losses

@@ -119,7 +119,7 @@ def test_explained_speedup_matches_a_fresh_measurement(stored_study, tmp_path, o
     space = SearchSpace.load(write_tiny_space(
         tmp_path, "explain", baseline={"crops.local_crops": 6, "optim.batch_size": 16},
         params={"crops.local_crops": {"choices": [0, 6]}, "optim.batch_size": {"choices": [16, 48]}},
-        trial={"warmup_steps": 1, "window_steps": 3, "windows": 3, "steps": 12, "eval_every_steps": 6}))
+        trial={"warmup_steps": 1, "window_steps": 3, "windows": 3, "steps": 13, "eval_every_steps": 6}))
     s = stored_study("explain", trial_overrides=space.trial.overrides(),
                      choices={name: list(param.distribution().choices) for name, param in space.params.items()})
     seed = space.base_config().system.seed

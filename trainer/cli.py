@@ -176,7 +176,10 @@ def _bench(cfg: TrainConfig, args) -> int:
         print(json.dumps(sp, indent=2))
         return 0
     print(format_table(["measure", "value"], [
-        ("throughput (img/s, median of windows)", sp["throughput_img_s"]),
+        ("throughput (img/s, an epoch's start included)", sp["throughput_img_s"]),
+        ("windows' median (img/s)", sp["window_throughput_img_s"]),
+        ("epoch start (s, DataLoader workers)", "not measured (no workers)" if sp["epoch_start_s"] is None
+         else sp["epoch_start_s"]),
         ("spread (max-min)/median", sp["throughput_spread"]),
         ("windows (img/s)", ", ".join(f"{w:.1f}" for w in sp["throughput_windows"])),
         ("data wait fraction", sp["data_wait_fraction"]),

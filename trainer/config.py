@@ -262,6 +262,11 @@ class MeasureConfig(_Strict):
     profile_steps: int = Field(
         2, ge=0, le=1000, description="Steps after the windows whose time is broken down by phase (synchronized "
         "at every phase on a GPU, so never part of the throughput); 0: no breakdown.")
+    epoch_start_steps: int = Field(
+        2, ge=0, le=1000, description="With DataLoader workers: steps timed last, after the loader's iterator is made "
+        "afresh as each epoch makes it (workers started again unless persistent); their time over the windows' step "
+        "time is the epoch's start cost, which the throughput spreads over an epoch's steps. 0: not measured (the "
+        "throughput is then the windows' median, which misses that cost).")
 
 
 class TrainConfig(_Strict):

@@ -558,7 +558,7 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
     if not resume and cfg.eval.at_start and not speed_only:
         knn_initial = run.evaluate()
     clock = SpeedClock(m.warmup_steps, m.windows, m.window_steps, m.profile_steps, run.device, run.timer,
-                       run.images_per_step)
+                       run.images_per_step, m.epoch_start_steps if cfg.system.num_workers > 0 else 0)
     first_step_s = 0.0
     # Training time carries over a resume, so time limits and training throughput cover the whole run.
     train_time, log_every = state.get("train_s", 0.0), max(1, min(50, run.steps_per_epoch))
@@ -574,6 +574,13 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
         batches = iter(run.loader)
         for _ in range(start, run.steps_per_epoch):
             in_speed_phase = speed is None and run.step < clock.total_steps
+            if in_speed_phase and clock.opens_epoch_start(run.step):
+                # The start of an epoch, timed: the old iterator goes (its workers shut down, as at an epoch's
+                # end) and a new one starts them again, from this step's batch, so the data stay the same.
+                batches = None
+                run.sampler.epoch, run.sampler.start = epoch, (run.step - epoch * run.steps_per_epoch) * cfg.optim.accumulation_steps
+                clock.open_epoch_start()
+                batches = iter(run.loader)
             if in_speed_phase:
                 clock.before_step(run.step)
             else:
@@ -641,6 +648,10 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
 def _speed_report(run: Run, clock: SpeedClock, first_step_s: float) -> SpeedReport:
     windows = clock.windows or [len(clock.step_s) * run.images_per_step / sum(clock.step_s)]
     median, spread = summarize_windows(windows)
+    # The epoch's start, spread over its steps as a training run pays it (see trainer.measure).
+    epoch_start_s = clock.epoch_start_cost(run.images_per_step / median)
+    throughput = median if not epoch_start_s else (
+        run.steps_per_epoch * run.images_per_step / (run.steps_per_epoch * run.images_per_step / median + epoch_start_s))
     window_s, window_steps = (sum(clock.window_s), len(clock.window_s) * clock.window_steps) if clock.window_s else (
         sum(clock.step_s), len(clock.step_s))
     profiled = sum(clock.profile_s)
@@ -648,7 +659,9 @@ def _speed_report(run: Run, clock: SpeedClock, first_step_s: float) -> SpeedRepo
     step_ms = 1000.0 * window_s / window_steps
     compile_s = max(0.0, first_step_s - step_ms / 1000.0) if run.cfg.system.compile != "off" else 0.0
     return SpeedReport(
-        throughput_img_s=median, throughput_spread=spread, throughput_windows=windows,
+        throughput_img_s=throughput, throughput_spread=spread, throughput_windows=windows,
+        window_throughput_img_s=median, epoch_start_s=epoch_start_s,
+        epoch_start_step_range=clock.epoch_start_range if clock.epoch_start_s else [],
         data_wait_fraction=run.timer.totals.get("data", 0.0) / profiled if profiled else 0.0,
         phases_ms=run.timer.per_step_ms(len(clock.profile_s)), step_ms=step_ms, peak_memory_mb=mem, memory_kind=kind,
         images_per_step=run.images_per_step, warmup_steps=run.cfg.measure.warmup_steps,
@@ -675,6 +688,8 @@ def _summary(run: Run, speed: SpeedReport | None, initial, final, train_time: fl
         "data_wait_fraction": s.get("data_wait_fraction"), "phases_ms": s.get("phases_ms"),
         # which optimizer steps each figure came from: throughput from the windows, phases from profiled steps
         "window_step_range": s.get("window_step_range"), "profiled_step_range": s.get("profiled_step_range"),
+        "window_throughput_img_s": s.get("window_throughput_img_s"), "epoch_start_s": s.get("epoch_start_s"),
+        "epoch_start_step_range": s.get("epoch_start_step_range"),
         "train_throughput_img_s": run.step * run.images_per_step / train_time if train_time else None,
         "peak_memory_mb": mem, "memory_kind": kind, "steps": run.step,
         "epochs": run.step / run.steps_per_epoch, "wall_s": wall, "train_s": train_time,

@@ -52,9 +52,13 @@ class TrainingFailure(RuntimeError):
 class SpeedReport:
     """The speed phase, measured end to end including data loading; warm-up excluded.
 
-    ``throughput_img_s`` is the median over windows, timed at the windows' ends only (optimizer steps
-    ``window_step_range``); ``throughput_spread`` is (max - min) / median of the windows; ``step_ms``
-    the windows' mean time per step. ``phases_ms`` (mean time per step in each phase) and
+    ``window_throughput_img_s`` is the median over windows, timed at the windows' ends only (optimizer
+    steps ``window_step_range``); ``throughput_spread`` is (max - min) / median of the windows; ``step_ms``
+    the windows' mean time per step. With DataLoader workers, ``epoch_start_s`` is what an epoch's start
+    adds (the loader's iterator made afresh before the steps ``epoch_start_step_range``, timed against the
+    windows' step time) and ``throughput_img_s`` the windows' median with it spread over an epoch's steps;
+    without workers (or with the probe cut off by the budget) it is the windows' median, and
+    ``epoch_start_s`` is None. ``phases_ms`` (mean time per step in each phase) and
     ``data_wait_fraction`` (the share of step time spent waiting for the next batch) come from the
     separate profiled steps ``profiled_step_range``, synchronized at every phase on a GPU.
     """
@@ -77,6 +81,9 @@ class SpeedReport:
     profiled_step_ms: float = 0.0
     window_step_range: list[int] = field(default_factory=list)
     profiled_step_range: list[int] = field(default_factory=list)
+    window_throughput_img_s: float | None = None
+    epoch_start_s: float | None = None
+    epoch_start_step_range: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for events, JSON and the tuner's storage."""

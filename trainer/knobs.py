@@ -121,6 +121,7 @@ NOT_KNOBS: dict[str, str] = {
     "measure.window_steps": "how the speed phase measures (set by the study's trial budget)",
     "measure.windows": "how the speed phase measures (set by the study's trial budget)",
     "measure.profile_steps": "how the speed phase measures (set by the study's trial budget)",
+    "measure.epoch_start_steps": "how the speed phase measures (set by the study's trial budget)",
     "checkpoint_every_steps": "when to write checkpoints",
 }
 

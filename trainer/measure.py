@@ -7,6 +7,14 @@ whatever overlap pinned memory, prefetching or CUDA graphs buy is in the through
 phase (data, augmentation, forwards, loss, backward, optimizer, EMA) needs a synchronization at every
 phase boundary on a GPU, which would remove that overlap; it is therefore measured on separate
 profiled steps after the windows and never mixed into the throughput.
+
+Where the DataLoader has workers, the speed phase ends with the start of an epoch: the loader's iterator
+is made afresh, as every epoch makes it (non-persistent workers are started again, by `fork` where that
+is the start method, and the parent's first writes to memory it shares with them are copied), and the
+steps after it are timed as one more window. Their time over the windows' step time is the epoch's start
+cost, and `throughput_img_s` is the windows' median with that cost spread over the epoch's steps, as a
+training run pays it; the windows alone would not see it, since the speed phase runs inside the first
+epoch, whose workers started before the clock.
 """
 
 from __future__ import annotations
@@ -68,18 +76,21 @@ class SpeedClock:
     `profile_steps` profiled steps (see the module docstring). Step indices are the run's optimizer steps."""
 
     def __init__(self, warmup: int, windows: int, window_steps: int, profile_steps: int, device: torch.device,
-                 timer: PhaseTimer, images_per_step: int):
+                 timer: PhaseTimer, images_per_step: int, epoch_start_steps: int = 0):
         self.warmup, self.n_windows, self.window_steps, self.profile_steps = warmup, windows, window_steps, profile_steps
         self.device, self.timer, self.images_per_step = device, timer, images_per_step
+        self.epoch_start_steps = epoch_start_steps
+        self.epoch_start_s: list[float] = []  # seconds of the epoch-start probe: [] until measured
         self.windows: list[float] = []  # throughput of each window, images/s
         self.window_s: list[float] = []  # seconds of each window
         self.profile_s: list[float] = []  # seconds of each profiled step
         self.step_s: list[float] = []  # host seconds of each windowed step (a fallback for a cut-short phase)
         self._t_window = self._paused = 0.0
+        self._t_epoch: float | None = None
 
     @property
     def total_steps(self) -> int:
-        return self.warmup + self.n_windows * self.window_steps + self.profile_steps
+        return self.warmup + self.n_windows * self.window_steps + self.profile_steps + self.epoch_start_steps
 
     @property
     def window_range(self) -> list[int]:
@@ -89,7 +100,21 @@ class SpeedClock:
     @property
     def profile_range(self) -> list[int]:
         """[first, last + 1) optimizer steps of the profiled steps."""
-        return [self.window_range[1], self.total_steps]
+        return [self.window_range[1], self.window_range[1] + self.profile_steps]
+
+    @property
+    def epoch_start_range(self) -> list[int]:
+        """[first, last + 1) optimizer steps timed after the loader's iterator was made afresh."""
+        return [self.profile_range[1], self.total_steps]
+
+    def opens_epoch_start(self, step: int) -> bool:
+        """Whether the caller must make the loader's iterator afresh (after calling `open_epoch_start`) before `step`."""
+        return self.epoch_start_steps > 0 and step == self.epoch_start_range[0]
+
+    def open_epoch_start(self) -> None:
+        """Start the epoch-start probe's clock (synchronized), right before the loader's iterator is made."""
+        synchronize(self.device)
+        self._t_epoch, self._paused = time.perf_counter(), 0.0
 
     def _window_index(self, step: int) -> int | None:
         k = step - self.warmup
@@ -108,6 +133,9 @@ class SpeedClock:
         k = self._window_index(step)
         if self.timer.enabled:
             self.profile_s.append(host_s)
+        if step == self.total_steps - 1 and self._t_epoch is not None:
+            synchronize(self.device)
+            self.epoch_start_s.append(time.perf_counter() - self._t_epoch - self._paused)
         if k is None:
             return None
         self.step_s.append(host_s)
@@ -125,7 +153,15 @@ class SpeedClock:
 
     @property
     def done(self) -> bool:
-        return len(self.windows) == self.n_windows and len(self.profile_s) >= self.profile_steps
+        return (len(self.windows) == self.n_windows and len(self.profile_s) >= self.profile_steps
+                and len(self.epoch_start_s) == (1 if self.epoch_start_steps else 0))
+
+    def epoch_start_cost(self, step_s: float) -> float | None:
+        """Seconds an epoch's start adds: the probe's time over `epoch_start_steps` steps of `step_s` (the
+        windows' time per step), at least 0; None when it was not measured."""
+        if not self.epoch_start_s:
+            return None
+        return max(0.0, self.epoch_start_s[0] - self.epoch_start_steps * step_s)
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -187,6 +187,9 @@ class TrialBudget(_Strict):
     window_steps: int = Field(3, ge=1, description="Steps per timed window.")
     windows: int = Field(3, ge=1, description="Timed windows; throughput is their median.")
     profile_steps: int = Field(1, ge=0, description="Steps after the windows timed phase by phase (not part of the throughput).")
+    epoch_start_steps: int = Field(2, ge=0, description="With DataLoader workers: steps timed last, after the loader "
+                                   "starts afresh as each epoch does; the throughput includes that cost, spread over "
+                                   "an epoch (trainer's measure.epoch_start_steps). 0: not measured.")
     steps: int = Field(60, ge=1, description="Optimizer steps per trial (the quality budget).")
     eval_every_steps: int = Field(20, ge=0, description="kNN every N steps after the speed phase (0: only at the end).")
     timeout_s: float = Field(600.0, gt=0, description="A trial running longer than this is stopped and recorded as "
@@ -207,12 +210,12 @@ class TrialBudget(_Strict):
 
     @property
     def speed_steps(self) -> int:
-        return self.warmup_steps + self.windows * self.window_steps + self.profile_steps
+        return self.warmup_steps + self.windows * self.window_steps + self.profile_steps + self.epoch_start_steps
 
     @model_validator(mode="after")
     def _speed_fits(self) -> "TrialBudget":
         if self.speed_steps > self.steps:
-            raise ValueError(f"warmup_steps + windows * window_steps + profile_steps = {self.speed_steps} "
+            raise ValueError(f"warmup_steps + windows * window_steps + profile_steps + epoch_start_steps = {self.speed_steps} "
                              f"must be <= steps ({self.steps})")
         previous = self.steps
         for rung in self.rungs:
@@ -225,7 +228,8 @@ class TrialBudget(_Strict):
     def overrides(self) -> dict[str, Any]:
         """The config fields a trial replaces (the full-training budget stays in the exported config)."""
         out = {"measure.warmup_steps": self.warmup_steps, "measure.window_steps": self.window_steps,
-               "measure.windows": self.windows, "measure.profile_steps": self.profile_steps, "budget.steps": self.steps,
+               "measure.windows": self.windows, "measure.profile_steps": self.profile_steps,
+               "measure.epoch_start_steps": self.epoch_start_steps, "budget.steps": self.steps,
                "budget.time_limit_s": None, "eval.every_steps": self.eval_every_steps, "eval.every_epochs": 0,
                "eval.at_start": True, "checkpoint_every_steps": 0}
         if self.rungs:  # schedules over the last rung; the trial is its first segment, its checkpoint kept

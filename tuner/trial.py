@@ -28,7 +28,8 @@ SUMMARY_FIELDS = ("throughput_img_s", "throughput_spread", "world_size", "images
                   "student_knn_top1", "student_knn_top5", "student_knn_top1_initial", "bn_stats",
                   "view_agreement_initial", "view_agreement", "teacher_entropy", "max_entropy",
                   "data_wait_fraction", "phases_ms", "peak_memory_mb", "memory_kind", "steps", "wall_s",
-                  "build_s", "compile_s", "train_s", "stopped_early", "host_allocator")
+                  "build_s", "compile_s", "train_s", "stopped_early", "host_allocator", "window_throughput_img_s",
+                  "epoch_start_s")
 
 
 def run_trial(spec: dict[str, Any]) -> None:
