@@ -12,15 +12,14 @@ median throughput of each policy over the rounds, the median per-round ratio and
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import trainer_bench  # noqa: E402
 from trainer.measure import cpu_model  # noqa: E402
 from trainer.table import format_table  # noqa: E402
 
@@ -37,12 +36,8 @@ CONFIGS = {
 def bench(overrides: str, policy: str) -> dict:
     """`trainer bench default ... --json` in a fresh process, with what it cost the kernel."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run([sys.executable, "-m", "trainer", "bench", "default", *overrides.split(),
-                          f"system.host_allocator={policy}", "--json"], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"trainer bench {overrides} failed: {(out.stderr.strip().splitlines() or ['no message'])[-1]}")
+    result = trainer_bench(["default", *overrides.split(), f"system.host_allocator={policy}"])
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result = json.loads(out.stdout)
     return {"img_s": result["throughput_img_s"], "peak_mb": result["peak_memory_mb"],
             "faults": after.ru_minflt - before.ru_minflt, "sys_s": after.ru_stime - before.ru_stime}
 

@@ -11,24 +11,21 @@ Target: within 15% of the stated speedup.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from common import trainer_bench
 from trainer.table import format_table
 from tuner.export import export
 from tuner.study import load
 
 
 def bench(path: Path) -> float:
-    """`trainer bench FILE --json` in a fresh process: the median throughput of its windows."""
-    out = subprocess.run([sys.executable, "-m", "trainer", "bench", str(path), "--json"], capture_output=True,
-                         text=True, check=True)
-    return float(json.loads(out.stdout)["throughput_img_s"])
+    """`trainer bench FILE --json` in a fresh process: its throughput."""
+    return float(trainer_bench([str(path)])["throughput_img_s"])
 
 
 def stated_speedup(header: str) -> tuple[float, str]:
