@@ -72,8 +72,10 @@ class PhaseTimer:
 
 
 class SpeedClock:
-    """The speed phase of a run: `warmup` steps, `windows` timed windows of `window_steps` steps, then
-    `profile_steps` profiled steps (see the module docstring). Step indices are the run's optimizer steps."""
+    """The speed phase of a run: `warmup` steps, `windows` timed windows of `window_steps` steps,
+    `profile_steps` profiled steps, then `epoch_start_steps` steps timed after the caller made its loader's
+    iterator afresh (0 where there are no workers to start; see the module docstring). Step indices are the
+    run's optimizer steps."""
 
     def __init__(self, warmup: int, windows: int, window_steps: int, profile_steps: int, device: torch.device,
                  timer: PhaseTimer, images_per_step: int, epoch_start_steps: int = 0):
