@@ -199,3 +199,39 @@ def test_log_jsonl_has_a_line_per_log_step_and_per_evaluation_written_as_the_run
     assert evals[0]["knn_top1"] == pytest.approx(result.summary["knn_top1_initial"])
     assert evals[-1]["knn_top1"] == pytest.approx(result.summary["knn_top1"])
     assert set(evals[0]) == {"kind", "step", "epoch", "knn_top1", "knn_top5", "view_agreement"}
+
+
+def test_logged_throughput_leaves_out_evaluations_and_checkpoints_wherever_they_fall(monkeypatch, tmp_path):
+    """Log lines every 3 steps (an epoch), evaluations every 2 and a checkpoint at each epoch's end, each made
+    0.25 s slower: a log line's throughput is its steps' images over their own time, never over less (the
+    interval restarted at an evaluation between two log lines) and not with the 0.25 s pauses in it."""
+    import time
+
+    from trainer import engine
+
+    step_s: dict[int, float] = {}
+    train_step, evaluate, save = engine.Run.train_step, engine.Run.evaluate, engine.Run.save_checkpoint
+
+    def timed_step(self, batches):
+        t0 = time.perf_counter()
+        loss = train_step(self, batches)
+        step_s[self.step + 1] = time.perf_counter() - t0
+        return loss
+
+    def slow(original):
+        return lambda self, *a: (time.sleep(0.25), original(self, *a))[1]
+
+    monkeypatch.setattr(engine.Run, "train_step", timed_step)
+    monkeypatch.setattr(engine.Run, "evaluate", slow(evaluate))
+    monkeypatch.setattr(engine.Run, "save_checkpoint", slow(save))
+    logs = []
+    result = train(tiny_config(budget__steps=12, eval__every_steps=2, eval__at_start=False), out_dir=tmp_path,
+                   callback=lambda event, payload: logs.append(payload) if event == "log" else None)
+    assert result.status == "ok" and [e["step"] for e in logs] == [3, 6, 9, 12]
+    previous = 0
+    for entry in logs:
+        steps = range(previous + 1, entry["step"] + 1)
+        own_time = len(steps) * result.summary["images_per_step"] / sum(step_s[s] for s in steps)
+        assert entry["throughput_img_s"] <= own_time * (1 + 1e-9), (entry, own_time)  # never over less than its steps
+        assert entry["throughput_img_s"] > 0.5 * own_time, (entry, own_time)  # the 0.25 s pauses are not in it
+        previous = entry["step"]
