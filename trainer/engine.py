@@ -665,7 +665,7 @@ def _speed_report(run: Run, clock: SpeedClock, first_step_s: float) -> SpeedRepo
     return SpeedReport(
         throughput_img_s=throughput, throughput_spread=spread, throughput_windows=windows,
         window_throughput_img_s=median, epoch_start_s=epoch_start_s,
-        epoch_start_step_range=clock.epoch_start_range if clock.epoch_start_s else [],
+        epoch_start_step_range=clock.epoch_start_range if epoch_start_s is not None else [],
         data_wait_fraction=run.timer.totals.get("data", 0.0) / profiled if profiled else 0.0,
         phases_ms=run.timer.per_step_ms(len(clock.profile_s)), step_ms=step_ms, peak_memory_mb=mem, memory_kind=kind,
         images_per_step=run.images_per_step, warmup_steps=run.cfg.measure.warmup_steps,

@@ -82,7 +82,7 @@ class SpeedClock:
         self.warmup, self.n_windows, self.window_steps, self.profile_steps = warmup, windows, window_steps, profile_steps
         self.device, self.timer, self.images_per_step = device, timer, images_per_step
         self.epoch_start_steps = epoch_start_steps
-        self.epoch_start_s: list[float] = []  # seconds of the epoch-start probe: [] until measured
+        self.epoch_start_s: float | None = None  # seconds of the epoch-start probe, once measured
         self.windows: list[float] = []  # throughput of each window, images/s
         self.window_s: list[float] = []  # seconds of each window
         self.profile_s: list[float] = []  # seconds of each profiled step
@@ -137,7 +137,7 @@ class SpeedClock:
             self.profile_s.append(host_s)
         if step == self.total_steps - 1 and self._t_epoch is not None:
             synchronize(self.device)
-            self.epoch_start_s.append(time.perf_counter() - self._t_epoch - self._paused)
+            self.epoch_start_s = time.perf_counter() - self._t_epoch - self._paused
         if k is None:
             return None
         self.step_s.append(host_s)
@@ -156,14 +156,14 @@ class SpeedClock:
     @property
     def done(self) -> bool:
         return (len(self.windows) == self.n_windows and len(self.profile_s) >= self.profile_steps
-                and len(self.epoch_start_s) == (1 if self.epoch_start_steps else 0))
+                and (self.epoch_start_s is not None or not self.epoch_start_steps))
 
     def epoch_start_cost(self, step_s: float) -> float | None:
         """Seconds an epoch's start adds: the probe's time over `epoch_start_steps` steps of `step_s` (the
         windows' time per step), at least 0; None when it was not measured."""
-        if not self.epoch_start_s:
+        if self.epoch_start_s is None:
             return None
-        return max(0.0, self.epoch_start_s[0] - self.epoch_start_steps * step_s)
+        return max(0.0, self.epoch_start_s - self.epoch_start_steps * step_s)
 
 
 def reset_peak_memory(device: torch.device) -> None:
