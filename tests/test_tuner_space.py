@@ -142,12 +142,48 @@ def test_conditional_knob_is_sampled_only_when_its_condition_holds(tmp_path, tin
 
 def test_space_naming_a_sampler_builds_it_with_its_args(tmp_path, tiny_space):
     space = SearchSpace.load(tiny_space(tmp_path, "gp", sampler={"name": "gp", "seed": 3, "args": {"n_startup_trials": 2}}))
-    sampler = space.build_sampler()
+    sampler = space.build_sampler().inner  # the default objective (throughput) wraps it
     assert type(sampler) is optuna.samplers.GPSampler and sampler._n_startup_trials == 2
     tpe = SearchSpace.load(tiny_space(tmp_path, "tpe", sampler={"name": "tpe", "args": {"n_startup_trials": 3}})).build_sampler()
-    assert tpe._n_startup_trials == 3 and tpe._multivariate and tpe._constant_liar  # the tuner's TPE defaults stay
-    qmc = SearchSpace.load(tiny_space(tmp_path, "qmc", sampler={"name": "qmc", "args": {"qmc_type": "halton"}})).build_sampler()
-    assert type(qmc) is optuna.samplers.QMCSampler and qmc._qmc_type == "halton"
+    assert tpe.inner._n_startup_trials == 3 and tpe.inner._multivariate and tpe.inner._constant_liar  # TPE defaults stay
+    qmc = SearchSpace.load(tiny_space(tmp_path, "qmc", sampler={"name": "qmc", "args": {"qmc_type": "halton"},
+                                                                "objective": "pareto"})).build_sampler()
+    assert type(qmc) is optuna.samplers.QMCSampler and qmc._qmc_type == "halton"  # pareto: the sampler itself
+
+
+@pytest.mark.parametrize("objective, directions", [("throughput", 1), ("pareto", 2)])
+def test_sampler_objective_decides_what_the_sampler_sees_while_the_study_keeps_both(tmp_path, tiny_space, objective,
+                                                                                   directions):
+    """`sampler.objective: throughput` shows the sampler each trial's throughput and constraints only; the study
+    still stores (throughput, kNN)."""
+    space = SearchSpace.load(tiny_space(tmp_path, objective, sampler={"name": "tpe", "seed": 0, "objective": objective,
+                                                                      "args": {"n_startup_trials": 1}},
+                                        params={"crops.local_crops": {"choices": [0, 2, 4]}}))
+    study = open_study(space, f"sqlite:///{tmp_path / (objective + '.db')}")
+    seen = []
+    inner = study.sampler.inner if objective == "throughput" else study.sampler
+    original = inner.sample_relative
+
+    def recording(view, trial, search_space):
+        done = view._get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        seen.append((len(view.directions), view._is_multi_objective(), [list(t.values) for t in done],
+                     [t.constraints for t in done]))
+        return original(view, trial, search_space)
+
+    inner.sample_relative = recording
+    for i, (tp, knn) in enumerate([(10.0, 50.0), (30.0, 20.0), (20.0, 40.0)]):
+        trial = study.ask()
+        trial.suggest_categorical("crops.local_crops", [0, 2, 4])
+        trial.set_constraint("knn_points", -1.0 if knn > 30 else 5.0)
+        study.tell(trial, [tp, knn])
+    study.ask().suggest_categorical("crops.local_crops", [0, 2, 4])  # the first suggest samples relative
+    n_dirs, multi, values, constraints = seen[-1]
+    assert (n_dirs, multi) == (directions, directions == 2)
+    expected = [[10.0, 50.0], [30.0, 20.0], [20.0, 40.0]]
+    assert values[-3:] == ([v[:1] for v in expected] if objective == "throughput" else expected)
+    assert constraints[-3:] == [{"knn_points": -1.0}, {"knn_points": 5.0}, {"knn_points": -1.0}]  # the kNN tolerance still reaches the sampler
+    stored = [t.values for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+    assert stored[-3:] == expected  # the study's own trials keep both objectives
 
 
 def test_bruteforce_sampler_tries_each_configuration_once_then_the_study_finishes(tmp_path, tiny_space):

@@ -12,6 +12,7 @@ study database, so a malformed space never changes an existing study.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -265,6 +266,12 @@ class SamplerSpec(_Strict):
     name: Literal["tpe", "nsga2", "random", "grid", "gp", "qmc", "bruteforce"] = "tpe"
     seed: int | None = 0
     args: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments of the Optuna sampler.")
+    objective: Literal["throughput", "pareto"] = Field(
+        "throughput",
+        description="What the sampler models: pareto (throughput and kNN, both stored objectives: it spreads "
+        "trials along their trade-off) or throughput (throughput alone, with the kNN tolerance as the constraint "
+        "it learns from: every trial aims at the study's pick, the fastest feasible configuration). Either way "
+        "both objectives are stored and reported.")
 
 
 class PrunerSpec(_Strict):
@@ -481,7 +488,8 @@ class SearchSpace(_Strict):
         args = self.sampler_args()
         if self.sampler.name == "grid":
             args.setdefault("search_space", {n: _grid_values(p) for n, p in self.params.items()})
-        return cls(seed=self.sampler.seed, **args)
+        sampler = cls(seed=self.sampler.seed, **args)
+        return _ThroughputSampler(sampler) if self.sampler.objective == "throughput" else sampler
 
     def sampler_args(self) -> dict[str, Any]:
         """The sampler's keyword arguments: the tuner's defaults (tpe: multivariate, with a constant liar for
@@ -556,6 +564,82 @@ class _StopMarks:
 
     def stop(self) -> None:
         self._sampler.exhausted = True
+
+
+class _ThroughputSampler(optuna.samplers.BaseSampler):
+    """A sampler that sees the study as throughput alone (`sampler.objective: throughput`).
+
+    The study keeps both objectives (throughput, kNN) for the report and the front; the sampler is shown
+    each trial's first value only, and the kNN tolerance still reaches it as the trial's constraint, so a
+    model-based sampler spends its trials on the question the study answers: the fastest feasible
+    configuration, rather than on the whole trade-off."""
+
+    def __init__(self, inner: optuna.samplers.BaseSampler):
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:  # is_exhausted and the like: the inner sampler's
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.inner.infer_relative_search_space(_ThroughputView(study), trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.inner.sample_relative(_ThroughputView(study), trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.inner.sample_independent(_ThroughputView(study), trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self.inner.before_trial(_ThroughputView(study), trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.inner.after_trial(_ThroughputView(study), _throughput_only(trial), state,
+                                list(values[:1]) if values is not None else None)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+
+class _ThroughputView:
+    """The study as `_ThroughputSampler`'s inner sampler sees it: one objective, throughput."""
+
+    def __init__(self, study: optuna.Study):
+        self._study = study
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    @property
+    def directions(self) -> list:
+        return self._study.directions[:1]
+
+    @property
+    def direction(self):
+        return self._study.directions[0]
+
+    def _is_multi_objective(self) -> bool:
+        return False
+
+    def _get_trials(self, *args, **kwargs) -> list:
+        return [_throughput_only(t) for t in self._study._get_trials(*args, **kwargs)]
+
+    def get_trials(self, *args, **kwargs) -> list:
+        return [_throughput_only(t) for t in self._study.get_trials(*args, **kwargs)]
+
+    @property
+    def trials(self) -> list:
+        return self.get_trials()
+
+
+def _throughput_only(trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+    """The trial with its first value (throughput) only; the stored trial is not touched."""
+    if trial.values is None or len(trial.values) < 2:
+        return trial
+    view = copy.copy(trial)
+    view.values = trial.values[:1]
+    return view
 
 
 def _apply(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
