@@ -108,7 +108,7 @@ def test_the_study_stores_every_attribute_the_report_reads(fault_study):
     assert attrs["knn_tolerance_effective"] >= 0 and attrs["baseline_knn_top1"] == pytest.approx(
         sum(t.values[1] for t in study.trials[:2]) / 2)
     assert {"device", "cpu_model", "cpu_cores", "torch"} <= set(attrs["hardware"])
-    assert Counter(t.state.name for t in study.trials) == {"COMPLETE": 3, "FAIL": 2, "PRUNED": 1}
+    assert Counter(t.state.name for t in study.trials) == {"COMPLETE": 4, "FAIL": 1, "PRUNED": 1}
     for t in study.trials:
         u = t.user_attrs
         assert u["config"]["model"]["width"] == 8, "every trial stores its full config"
@@ -167,7 +167,7 @@ def test_page_is_self_contained_and_has_every_section(fault_report):
     pruned = next(t.number for t in study.trials if t.state == TrialState.PRUNED)
     assert [values(tr["x"]) for tr in history if tr["name"] == "pruned (last value)"] == [[pruned]]
     assert "tuner explain faults" in page and "Not measured yet" in page  # no explain stored yet
-    for text in ("3 complete", "1 oom, 1 killed, 1 nan", "nan: loss is nan (step 2)", "ThresholdPruner", "Hardware: device: cpu"):
+    for text in ("4 complete", "1 oom, 1 killed, 1 nan", "nan: loss is nan (step 2)", "ThresholdPruner", "Hardware: device: cpu"):
         assert text in page
     assert "not drawn: no searched parameter" in page  # the complete trials are the baseline's: no empty figures
     assert "Only the baseline has been measured yet" in page  # the out-of-memory trial measured nothing

@@ -8,8 +8,11 @@ first, from the queue), samples the knobs define-by-run (so conditions work), va
 - PRUNED with the phase and the pruner's reason (from the pruning bridge's ledger), or
 - FAIL with `fail_reason` (nan, dataloader, compile, timeout, killed, error, invalid_config).
 
-Out-of-memory is the exception: it is told COMPLETE at (0 img/s, 0 kNN) with violated constraints, so
-samplers that learn from constraints learn where memory runs out (`fail_reason` is still "oom").
+Out-of-memory and a non-finite loss are the exceptions: they are properties of the configuration (on one
+CPU, bf16 with local crops diverges at every seed), so they are told COMPLETE at (0 img/s, 0 kNN) with
+violated constraints, and samplers that learn from constraints learn where memory runs out or training
+diverges instead of proposing the same region again (`fail_reason` is still "oom" or "nan"; the trial is
+never feasible, never a winner, and is counted with the failures).
 """
 
 from __future__ import annotations
@@ -219,8 +222,8 @@ class StudySearcher(Searcher):
         elif phase == "done":
             self._tell_complete(trial, live.role, result)
         elif phase == "failed":
-            if result.get("fail_reason") == "oom":
-                self._tell_oom(trial, result)
+            if result.get("fail_reason") in INFEASIBLE_FAILURES:
+                self._tell_infeasible(trial, result)
             else:
                 self._tell_fail(trial, result.get("fail_reason", "error"), result.get("fail_message", ""), result.get("fail_step"))
         else:  # stopped by the study's time limit before it finished
@@ -267,12 +270,15 @@ class StudySearcher(Searcher):
         self._set_relative(trial, role, float(throughput), float(knn), float(result.get("peak_memory_mb") or 0.0))
         self.study.tell(trial, [float(throughput), float(knn)])
 
-    def _tell_oom(self, trial: optuna.trial.Trial, result: dict) -> None:
-        _record_failure(trial, "oom", result.get("fail_message", ""), result.get("fail_step"))
-        trial.set_user_attr("infeasible", "oom")
+    def _tell_infeasible(self, trial: optuna.trial.Trial, result: dict) -> None:
+        """Out of memory or a non-finite loss: COMPLETE at (0, 0) with the kNN constraint violated (and the
+        memory one, for oom), so the sampler learns the region; `fail_reason` keeps it out of every winner."""
+        reason = result["fail_reason"]
+        _record_failure(trial, reason, result.get("fail_message", ""), result.get("fail_step"))
+        trial.set_user_attr("infeasible", reason)
         base = self.study.user_attrs
         trial.set_constraint("knn_points", float(base.get("baseline_knn_top1") or 1.0))
-        trial.set_constraint("memory", 1.0)
+        trial.set_constraint("memory", 1.0 if reason == "oom" else -1.0)
         self.study.tell(trial, [0.0, 0.0])
 
     def _tell_pruned(self, trial: optuna.trial.Trial, decision) -> None:
@@ -461,6 +467,10 @@ def knn_power(trials: list, metric: str, steps: int | None) -> dict[str, Any]:
     out["text"] = (f"method changes are unmeasured at this budget: the baseline's kNN moved {moved:+.1f} points"
                    f"{where}, not beyond the spread of its {len(trials)} seeds ({noise:.1f}){estimate}")
     return out
+
+
+#: Failures told COMPLETE and infeasible, so the sampler learns from them (see the module's docstring).
+INFEASIBLE_FAILURES = ("oom", "nan")
 
 
 def _record_failure(trial: optuna.trial.Trial, reason: str, message: str, step: int | None) -> None:
