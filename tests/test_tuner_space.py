@@ -171,19 +171,22 @@ def test_sampler_objective_decides_what_the_sampler_sees_while_the_study_keeps_b
         return original(view, trial, search_space)
 
     inner.sample_relative = recording
-    for i, (tp, knn) in enumerate([(10.0, 50.0), (30.0, 20.0), (20.0, 40.0)]):
+    for tp, knn in [(10.0, 50.0), (30.0, 20.0), (20.0, 40.0), (0.0, 0.0)]:  # the last diverged (as the searcher tells it)
         trial = study.ask()
         trial.suggest_categorical("crops.local_crops", [0, 2, 4])
         trial.set_constraint("knn_points", -1.0 if knn > 30 else 5.0)
+        if tp == 0.0:
+            trial.set_user_attr("fail_reason", "nan")
         study.tell(trial, [tp, knn])
     study.ask().suggest_categorical("crops.local_crops", [0, 2, 4])  # the first suggest samples relative
     n_dirs, multi, values, constraints = seen[-1]
     assert (n_dirs, multi) == (directions, directions == 2)
-    expected = [[10.0, 50.0], [30.0, 20.0], [20.0, 40.0]]
-    assert values[-3:] == ([v[:1] for v in expected] if objective == "throughput" else expected)
-    assert constraints[-3:] == [{"knn_points": -1.0}, {"knn_points": 5.0}, {"knn_points": -1.0}]  # the kNN tolerance still reaches the sampler
+    expected = [[10.0, 50.0], [30.0, 20.0], [20.0, 40.0], [0.0, 0.0]]
+    # throughput alone; the diverged trial at the slowest measured throughput (the baseline's 10.0 here), not 0
+    assert values[-4:] == ([[10.0], [30.0], [20.0], [10.0]] if objective == "throughput" else expected)
+    assert constraints[-4:] == [{"knn_points": -1.0}, {"knn_points": 5.0}, {"knn_points": -1.0}, {"knn_points": 5.0}]
     stored = [t.values for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
-    assert stored[-3:] == expected  # the study's own trials keep both objectives
+    assert stored[-4:] == expected  # the study's own trials keep both objectives
 
 
 def test_bruteforce_sampler_tries_each_configuration_once_then_the_study_finishes(tmp_path, tiny_space):

@@ -493,8 +493,13 @@ class SearchSpace(_Strict):
 
     def sampler_args(self) -> dict[str, Any]:
         """The sampler's keyword arguments: the tuner's defaults (tpe: multivariate, with a constant liar for
-        parallel trials on several GPUs), then the space's `sampler.args` over them."""
-        defaults = {"multivariate": True, "constant_liar": True} if self.sampler.name == "tpe" else {}
+        parallel trials on several GPUs; gp: no warning for knobs drawn at random), then the space's
+        `sampler.args` over them."""
+        defaults = {"tpe": {"multivariate": True, "constant_liar": True},
+                    # GP models the knobs every trial has (the baseline's); the others (conditional ones, and
+                    # those the baseline leaves at the base config) are drawn at random, as designed, not
+                    # worth a warning per knob per trial
+                    "gp": {"warn_independent_sampling": False}}.get(self.sampler.name, {})
         return {**defaults, **self.sampler.args}
 
     def sections(self) -> dict[str, Any]:
@@ -623,22 +628,34 @@ class _ThroughputView:
         return False
 
     def _get_trials(self, *args, **kwargs) -> list:
-        return [_throughput_only(t) for t in self._study._get_trials(*args, **kwargs)]
+        return _throughput_only_all(self._study._get_trials(*args, **kwargs))
 
     def get_trials(self, *args, **kwargs) -> list:
-        return [_throughput_only(t) for t in self._study.get_trials(*args, **kwargs)]
+        return _throughput_only_all(self._study.get_trials(*args, **kwargs))
 
     @property
     def trials(self) -> list:
         return self.get_trials()
 
 
-def _throughput_only(trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
-    """The trial with its first value (throughput) only; the stored trial is not touched."""
+def _throughput_only_all(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The trials as the one-objective sampler sees them. A trial that failed as infeasible (out of memory, a
+    non-finite loss: stored at 0 img/s) is shown at the slowest throughput a trial measured, not at 0: it is
+    as bad as the worst configuration that trained, and a 0 among measured values would make a
+    Gaussian-process model write off the whole neighbourhood of a knob value (its constraint still marks
+    it infeasible)."""
+    measured = [t.values[0] for t in trials
+                if t.values is not None and not t.user_attrs.get("fail_reason") and t.state.is_finished()]
+    worst = min(measured) if measured else None
+    return [_throughput_only(t, worst if t.user_attrs.get("fail_reason") else None) for t in trials]
+
+
+def _throughput_only(trial: optuna.trial.FrozenTrial, instead: float | None = None) -> optuna.trial.FrozenTrial:
+    """The trial with its first value (throughput) only, or `instead` of it; the stored trial is not touched."""
     if trial.values is None or len(trial.values) < 2:
         return trial
     view = copy.copy(trial)
-    view.values = trial.values[:1]
+    view.values = [instead if instead is not None else trial.values[0]]
     return view
 
 
