@@ -6,7 +6,7 @@ first, from the queue), samples the knobs define-by-run (so conditions work), va
 
 - COMPLETE with (throughput, kNN) and the feasibility constraints, or
 - PRUNED with the phase and the pruner's reason (from the pruning bridge's ledger), or
-- FAIL with `fail_reason` (nan, dataloader, compile, timeout, killed, error, invalid_config).
+- FAIL with `fail_reason` (dataloader, compile, timeout, killed, error, invalid_config).
 
 Out-of-memory and a non-finite loss are the exceptions: they are properties of the configuration (on one
 CPU, bf16 with local crops diverges at every seed), so they are told COMPLETE at (0 img/s, 0 kNN) with
