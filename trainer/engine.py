@@ -622,20 +622,16 @@ def _loop(run: Run, resume: bool, speed_only: bool, t_start: float) -> RunResult
                 run.evaluate()
             if cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0:
                 run.save_checkpoint(progress())
-            aside = time.perf_counter() - t_aside
             # Evaluations and checkpoints are not training: left out of an open window and of the logged
             # throughput (whose interval then starts that much later, wherever between two log lines they fell).
-            clock.pause(aside)
-            t_log += aside
+            t_log += clock.set_aside(t_aside)
         else:  # the epoch ran to its end
             t_aside = time.perf_counter()
             if cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0 and run.step < run.stop_step:
                 run.evaluate()
             if not cfg.checkpoint_every_steps:
                 run.save_checkpoint(progress())
-            aside = time.perf_counter() - t_aside
-            clock.pause(aside)
-            t_log += aside
+            t_log += clock.set_aside(t_aside)
             continue
         break
     if speed is None and clock.step_s:  # the budget ended inside the speed phase

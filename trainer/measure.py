@@ -149,9 +149,12 @@ class SpeedClock:
         self.windows.append(self.window_steps * self.images_per_step / seconds)
         return self.windows[-1]
 
-    def pause(self, seconds: float) -> None:
-        """Leave `seconds` of non-training work (an evaluation, a checkpoint) out of an open window."""
+    def set_aside(self, since: float) -> float:
+        """Leave the non-training work (an evaluation, a checkpoint) since `since` (a `time.perf_counter()`
+        reading) out of an open window; its seconds, for the caller's own intervals."""
+        seconds = time.perf_counter() - since
         self._paused += seconds
+        return seconds
 
     @property
     def done(self) -> bool:
