@@ -650,8 +650,8 @@ def _speed_report(run: Run, clock: SpeedClock, first_step_s: float) -> SpeedRepo
     median, spread = summarize_windows(windows)
     # The epoch's start, spread over its steps as a training run pays it (see trainer.measure).
     epoch_start_s = clock.epoch_start_cost(run.images_per_step / median)
-    throughput = median if not epoch_start_s else (
-        run.steps_per_epoch * run.images_per_step / (run.steps_per_epoch * run.images_per_step / median + epoch_start_s))
+    epoch_images = run.steps_per_epoch * run.images_per_step
+    throughput = median if not epoch_start_s else epoch_images / (epoch_images / median + epoch_start_s)
     window_s, window_steps = (sum(clock.window_s), len(clock.window_s) * clock.window_steps) if clock.window_s else (
         sum(clock.step_s), len(clock.step_s))
     profiled = sum(clock.profile_s)
