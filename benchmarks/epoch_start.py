@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from common import trainer_bench
+from common import trainer, trainer_bench
 from trainer.measure import cpu_model
 from trainer.table import format_table
 
@@ -39,10 +38,7 @@ def later_epochs(overrides: str, epochs: int) -> float:
     """`trainer train` for `epochs` epochs in a fresh process: the median images/s of its epochs after the first
     (wall time between the loop's per-epoch log lines, an epoch's start included)."""
     with tempfile.TemporaryDirectory(prefix="epoch-start-") as folder:
-        out = subprocess.run([sys.executable, "-m", "trainer", "train", "default", *overrides.split(), *QUIET_RUN,
-                              f"budget.epochs={epochs}", "--out", folder, "--quiet"], capture_output=True, text=True)
-        if out.returncode != 0:
-            raise SystemExit(f"trainer train {overrides} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+        trainer(["train", "default", *overrides.split(), *QUIET_RUN, f"budget.epochs={epochs}", "--out", folder, "--quiet"])
         lines = [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines()]
     per_epoch = [e["throughput_img_s"] for e in lines if e.get("kind") == "train"]
     if len(per_epoch) < 2:
