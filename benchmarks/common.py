@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 
-def trainer(args: list[str]) -> str:
+def run_trainer(args: list[str]) -> str:
     """`python -m trainer ARGS` in a fresh process: its standard output. A failed command ends the benchmark
     with the trainer's last line."""
     out = subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True)
@@ -18,4 +18,4 @@ def trainer(args: list[str]) -> str:
 
 def trainer_bench(args: list[str]) -> dict:
     """`python -m trainer bench ARGS --json` in a fresh process: the speed phase's report as a dict."""
-    return json.loads(trainer(["bench", *args, "--json"]))
+    return json.loads(run_trainer(["bench", *args, "--json"]))

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import trainer, trainer_bench
+from common import run_trainer, trainer_bench
 from trainer.measure import cpu_model
 from trainer.table import format_table
 
@@ -38,7 +38,7 @@ def later_epochs(overrides: str, epochs: int) -> float:
     """`trainer train` for `epochs` epochs in a fresh process: the median images/s of its epochs after the first
     (wall time between the loop's per-epoch log lines, an epoch's start included)."""
     with tempfile.TemporaryDirectory(prefix="epoch-start-") as folder:
-        trainer(["train", "default", *overrides.split(), *QUIET_RUN, f"budget.epochs={epochs}", "--out", folder, "--quiet"])
+        run_trainer(["train", "default", *overrides.split(), *QUIET_RUN, f"budget.epochs={epochs}", "--out", folder, "--quiet"])
         lines = [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines()]
     per_epoch = [e["throughput_img_s"] for e in lines if e.get("kind") == "train"]
     if len(per_epoch) < 2:
