@@ -644,8 +644,7 @@ def _throughput_only_all(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.
     as bad as the worst configuration that trained, and a 0 among measured values would make a
     Gaussian-process model write off the whole neighbourhood of a knob value (its constraint still marks
     it infeasible)."""
-    measured = [t.values[0] for t in trials
-                if t.values is not None and not t.user_attrs.get("fail_reason") and t.state.is_finished()]
+    measured = [t.values[0] for t in trials if t.values is not None and not t.user_attrs.get("fail_reason")]
     worst = min(measured) if measured else None
     return [_throughput_only(t, worst if t.user_attrs.get("fail_reason") else None) for t in trials]
 
