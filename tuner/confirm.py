@@ -1,8 +1,8 @@
 """`tuner confirm`: measure the winner and the baseline again, interleaved, so the speedup has a spread.
 
 Throughput on a shared machine drifts by tens of percent between runs, so the two configs are measured
-alternately (A B A B ...) in one process, each run only its speed phase, and the speedup is the ratio
-within each round. Then the winner's whole combination of exact and approximate knobs gets one parity
+alternately (A B A B ...) in one process, each run only its speed phase, and the speedup is the winner's
+best round over the baseline's (`ratio_stats`), with the per-round ratios as its spread. Then the winner's whole combination of exact and approximate knobs gets one parity
 check: the winner against the winner with every such knob at the baseline's value (method knobs kept),
 so the verdict covers knobs that are harmless alone but not together.
 """
@@ -14,7 +14,7 @@ from typing import Callable
 import optuna
 
 from trainer.config import ConfigError
-from tuner.remeasure import interleaved, local_measure, measured_config, on_cluster, ratio_stats
+from tuner.remeasure import confirmed_speedup, interleaved, local_measure, measured_config, on_cluster, ratio_stats
 from tuner.select import baseline_trial, pick
 from tuner.verdicts import system_knobs_at_baseline, verdict
 
@@ -38,17 +38,16 @@ def confirm(study: optuna.Study, policy: str = "fastest", rounds: int = 3,
             f"{measured_on['cpu_model']}, {measured_on['cpus']} CPUs")
     # A failed measurement raises MeasurementFailed: not the user's mistake (`tuner confirm` exits 1, not 2).
     measured = interleaved([measured_config(study, winner), measured_config(study, base)], rounds, say, labels, measure)
-    median, _, ratios = ratio_stats(measured[0], measured[1])
+    speedup, _, ratios = ratio_stats(measured[0], measured[1])
     outcome = {"trial": winner.number, "baseline_trial": base.number, "rounds": rounds, "pick": policy,
                "winner_img_s": measured[0], "baseline_img_s": measured[1], "speedups": ratios,
-               "speedup_median": median, "speedup_min": min(ratios), "speedup_max": max(ratios),
+               "speedup": speedup, "speedup_min": min(ratios), "speedup_max": max(ratios),
                "measured_on": measured_on}
     study.set_user_attr("confirm", outcome)  # finished trials are read-only in Optuna: the result lives on the study
     history = dict(study.user_attrs.get("confirmed_speedups", {}))
-    history[str(winner.number)] = outcome["speedup_median"]
+    history[str(winner.number)] = speedup
     study.set_user_attr("confirmed_speedups", history)
-    say(f"speedup of trial {winner.number} over the baseline: x{median:.2f} "
-        f"(range {outcome['speedup_min']:.2f}-{outcome['speedup_max']:.2f} over {rounds} interleaved rounds)")
+    say(f"speedup of trial {winner.number} over the baseline: x{speedup:.2f} ({confirmed_speedup(outcome)[1]})")
     combo = combination_parity(study, winner, base, parity_steps, say)
     if combo is not None:
         outcome["parity"] = combo

@@ -2,7 +2,7 @@
 
 The winner differs from the baseline in a handful of knobs. Each knob is first measured alone on the
 baseline (to order them by measured gain); then the path baseline -> +knob1 -> +knob2 ... -> winner is
-measured in interleaved rounds. Every bar in the report's waterfall is one of those measurements,
+measured in interleaved rounds (each config read at its best round, as `tuner confirm` does). Every bar in the report's waterfall is one of those measurements,
 never a number inferred from the sampler. Each exact or approximate knob then gets its parity check
 (the baseline plus that knob against the baseline, `trainer.parity`); a method knob's quality is
 `unmeasured` here. The result is stored in the study (user attributes `explain` and `parity`) so
@@ -11,7 +11,6 @@ status, export and the report can show it later.
 
 from __future__ import annotations
 
-import statistics
 from typing import Any, Callable
 
 import optuna
@@ -100,7 +99,7 @@ def explain(study: optuna.Study, policy: str = "fastest", rounds: int = 3, echo:
         from_v = ", ".join(str(base_values.get(k)) for k in groups[i])
         to_v = ", ".join(str(v) for v in groups[i].values())
         steps.append({"knob": key, "from": from_v, "to": to_v, "alone_speedup": gains[i],
-                      "throughput_img_s": statistics.median(results[n]), "step_speedup": step_speedup,
+                      "throughput_img_s": max(results[n]), "step_speedup": step_speedup,
                       "cumulative_speedup": cumulative, "spread": spread, "rounds": results[n],
                       "class": group_class(groups[i], base.to_dict())})
     parity = knob_parity(base, [groups[i] for i in order], parity_steps, echo)
@@ -110,7 +109,7 @@ def explain(study: optuna.Study, policy: str = "fastest", rounds: int = 3, echo:
     for step, group in zip(steps, (groups[i] for i in order)):
         step["parity"] = parity.get(", ".join(group))
     record = {"baseline_trial": base_t.number, "winner_trial": win_t.number, "policy": policy, "rounds": rounds,
-              "baseline_throughput_img_s": statistics.median(results[0]), "baseline_rounds": results[0], "steps": steps,
+              "baseline_throughput_img_s": max(results[0]), "baseline_rounds": results[0], "steps": steps,
               "measured_on": measured_on}
     study.set_user_attr("explain", record)
     study.set_user_attr("parity", {**(study.user_attrs.get("parity") or {}), **parity})

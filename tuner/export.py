@@ -7,6 +7,7 @@ from pathlib import Path
 import optuna
 
 from trainer.config import TrainConfig
+from tuner.remeasure import confirmed_speedup
 from tuner.select import baseline_trial, is_feasible, pick
 from tuner.summary import kind_baselines, kinds_text, knn_key, speedup_of, trial_kind
 from tuner.verdicts import compile_break_even, verdict
@@ -62,10 +63,9 @@ def export_header(study: optuna.Study, trial: optuna.trial.FrozenTrial, policy: 
         lines.append(compiled["text"] + " (compile time is not in the throughput).")
     if not is_feasible(trial):
         lines.append("WARNING: this trial is not feasible (its kNN or memory constraint is violated).")
-    confirm = s.get("confirm")
-    if confirm and confirm.get("trial") == trial.number:
-        lines.append(f"Confirmed speedup (interleaved A/B, {confirm['rounds']} rounds): x{confirm['speedup_median']:.2f} "
-                     f"(range {confirm['speedup_min']:.2f}-{confirm['speedup_max']:.2f}).")
+    confirm, claim = s.get("confirm"), confirmed_speedup(s.get("confirm"))
+    if claim and confirm.get("trial") == trial.number:
+        lines.append(f"Confirmed speedup (interleaved A/B, {confirm['rounds']} rounds): x{claim[0]:.2f} ({claim[1]}).")
     elif trial.user_attrs.get("role") == "search":
         lines.append("Speedup unconfirmed: the study's short windows are not a claim; run `tuner confirm` "
                      "to measure it against the baseline, interleaved.")

@@ -26,6 +26,7 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from trainer.events import PHASES
+from tuner.remeasure import confirmed_speedup
 from tuner.select import baseline_trial, best_feasible, is_feasible, pareto_set
 from tuner.explain import quality_cell
 from tuner.summary import StudySummary, kind_baselines, kinds_text, knn_key, speedup_of, summarize, trial_kind
@@ -150,9 +151,9 @@ def headline(study: optuna.Study, s: StudySummary) -> str:
     knn = lambda t: t.user_attrs.get(knn_key(t)) if t else None  # noqa: E731
     card("baseline throughput", _num(tp(base), " img/s"), f"trial {base.number}" if base else "no baseline yet")
     card("winner throughput", _num(tp(win), " img/s"), f"trial {win.number}" if win else "no feasible trial yet")
-    if confirm.get("speedup_median") is not None and win is not None and confirm.get("trial") == win.number:
-        card("confirmed speedup", f"{confirm['speedup_median']:.2f}x",
-             f"range {confirm['speedup_min']:.2f}-{confirm['speedup_max']:.2f}x over {confirm['rounds']} interleaved rounds")
+    claim = confirmed_speedup(confirm)
+    if claim and win is not None and confirm.get("trial") == win.number:
+        card("confirmed speedup", f"{claim[0]:.2f}x", claim[1])
     elif win is not None and speedup_of(study, win) is not None:
         card("speedup (unconfirmed)", f"{speedup_of(study, win):.2f}x", "run `tuner confirm` for its spread")
     card("kNN top-1 baseline / winner", f"{_num(knn(base))} / {_num(knn(win))}", "percent")

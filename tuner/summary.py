@@ -10,6 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from trainer.table import format_table
+from tuner.remeasure import confirmed_speedup
 from tuner.select import baseline_trial, best_feasible, is_feasible, pareto_set
 from tuner.verdicts import compile_break_even, parity_failures, verdict
 
@@ -272,10 +273,9 @@ def format_status(s: StudySummary) -> str:
         out.append(_trial_table(s.pareto, s))
     out.append("\nall trials:")
     out.append(_trial_table(s.trials, s))
-    if s.confirm:
-        c = s.confirm
-        out.append(f"\nconfirmed: trial {c['trial']} vs baseline, speedup x{c['speedup_median']:.2f} "
-                   f"(spread {c['speedup_min']:.2f}-{c['speedup_max']:.2f} over {c['rounds']} interleaved rounds)")
+    claim = confirmed_speedup(s.confirm)
+    if claim:
+        out.append(f"\nconfirmed: trial {s.confirm['trial']} vs baseline, speedup x{claim[0]:.2f} ({claim[1]})")
     out += [f"warning: {w}" for w in s.warnings]
     return "\n".join(out)
 
@@ -283,10 +283,9 @@ def format_status(s: StudySummary) -> str:
 def speedup_text(s: StudySummary, row: TrialRow) -> str:
     """The confirmed speedup with its range where `tuner confirm` (or the end of `tuner run`) measured this
     trial, else the study's own figure marked `unconfirmed`: a trial's short windows are not a claim."""
-    c = s.confirm or {}
-    if c.get("trial") == row.number and c.get("speedup_median") is not None:
-        return (f"x{c['speedup_median']:.2f} confirmed (range {c['speedup_min']:.2f}-{c['speedup_max']:.2f} over "
-                f"{c['rounds']} interleaved rounds; the study's windows said x{(row.speedup or float('nan')):.2f})")
+    claim = confirmed_speedup(s.confirm)
+    if claim and s.confirm.get("trial") == row.number:
+        return f"x{claim[0]:.2f} confirmed ({claim[1]}; the study's windows said x{(row.speedup or float('nan')):.2f})"
     return f"x{(row.speedup or float('nan')):.2f} unconfirmed"
 
 
