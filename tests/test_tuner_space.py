@@ -225,3 +225,24 @@ def test_relative_paths_in_base_overrides_become_absolute_so_trials_find_them(tm
     space = SearchSpace.load(path)
     assert space.base["overrides"]["model.init"] == str(weights.resolve())
     assert space.base["overrides"]["data.root"] == str((tmp_path / "data").resolve())
+
+
+def test_the_baseline_carries_every_knob_it_runs_with_so_a_model_based_sampler_can_model_them(tmp_path, tiny_space):
+    """GP models only the knobs every finished trial carries; a knob the baseline left out was drawn at random."""
+    from tuner.searcher import sample_params, trial_config
+
+    space = SearchSpace.load(tiny_space(tmp_path, "every", params={
+        "crops.local_crops": {"choices": [0, 2]},                     # the baseline's own value
+        "system.num_workers": {"choices": [0, 2]},                    # the base config's (0)
+        "system.persistent_workers": {"choices": [False, True], "when": "system.num_workers > 0"},  # condition fails
+        "system.channels_last": {"choices": [False, True]},           # the base config's (false)
+        "model.head.hidden_dim": {"choices": [16, 32]},               # the base config's 64 is not a choice
+    }))
+    expected = {"crops.local_crops": 2, "system.num_workers": 0, "system.channels_last": False}
+    assert baseline_params(space) == expected
+    study = open_study(space, f"sqlite:///{tmp_path / 'every.db'}")
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert all(t.system_attrs["fixed_params"] == expected for t in waiting)
+    trial = study.ask()
+    assert trial.number == 0 and sample_params(trial, space, "baseline") == expected
+    assert trial_config(space, expected, "baseline", 0).to_dict() == trial_config(space, {}, "baseline", 0).to_dict()

@@ -496,9 +496,9 @@ class SearchSpace(_Strict):
         parallel trials on several GPUs; gp: no warning for knobs drawn at random), then the space's
         `sampler.args` over them."""
         defaults = {"tpe": {"multivariate": True, "constant_liar": True},
-                    # GP models the knobs every trial has (the baseline's); the others (conditional ones, and
-                    # those the baseline leaves at the base config) are drawn at random, as designed, not
-                    # worth a warning per knob per trial
+                    # GP models the knobs every trial has (the baseline's trials carry every knob whose base
+                    # value is a choice); the others (conditional ones whose condition fails somewhere) are
+                    # drawn at random, as designed, not worth a warning per knob per trial
                     "gp": {"warn_independent_sampling": False}}.get(self.sampler.name, {})
         return {**defaults, **self.sampler.args}
 

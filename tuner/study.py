@@ -27,6 +27,7 @@ import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
 from trainer.config import ConfigError
+from trainer.knobs import flatten
 from trainer.measure import cpu_model
 from tuner.space import SearchSpace, first_difference
 
@@ -206,14 +207,22 @@ def _await_set_up(study: optuna.Study, space: SearchSpace, wait_s: float = 60.0)
 
 
 def baseline_params(space: SearchSpace) -> dict[str, Any]:
-    """The baseline's values for the searched knobs, where they lie in the knob's range or choices."""
+    """The baseline's value of every searched knob: the baseline's own, else the base config's (what the
+    baseline runs with), where it lies in the knob's range or choices and the knob's conditions hold.
+
+    Every knob, not only those the baseline names: a model-based sampler (GP) models only the knobs that
+    every finished trial carries (Optuna's intersection search space), and draws the rest at random."""
+    base = flatten(space.base_config().to_dict())
     params: dict[str, Any] = {}
+
+    def value_of(path: str) -> Any:
+        return params[path] if path in params else space.baseline.get(path, base.get(path))
+
     for name, param in space.params.items():
-        if name in space.baseline:
-            value, dist = space.baseline[name], param.distribution()
-            internal = _internal(dist, value)  # NaN: not one of a categorical knob's choices
-            if internal == internal and dist._contains(internal):
-                params[name] = value
+        value, dist = value_of(name), param.distribution()
+        internal = _internal(dist, value)  # NaN: not one of a categorical knob's choices
+        if internal == internal and dist._contains(internal) and all(c.holds(value_of(c.path)) for c in param.conditions()):
+            params[name] = value
     return params
 
 
