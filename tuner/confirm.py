@@ -2,9 +2,10 @@
 
 Throughput on a shared machine drifts by tens of percent between runs, so the two configs are measured
 alternately (A B A B ...) in one process, each run only its speed phase, and the speedup is the winner's
-best round over the baseline's (`ratio_stats`), with the per-round ratios as its spread. Then the winner's whole combination of exact and approximate knobs gets one parity
-check: the winner against the winner with every such knob at the baseline's value (method knobs kept),
-so the verdict covers knobs that are harmless alone but not together.
+best round over the baseline's (`ratio_stats`), with the per-round ratios as its spread. Then the
+winner's whole combination of exact and approximate knobs gets one parity check: the winner against the
+winner with every such knob at the baseline's value (method knobs kept), so the verdict covers knobs
+that are harmless alone but not together.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 The winner differs from the baseline in a handful of knobs. Each knob is first measured alone on the
 baseline (to order them by measured gain); then the path baseline -> +knob1 -> +knob2 ... -> winner is
-measured in interleaved rounds (each config read at its best round, as `tuner confirm` does). Every bar in the report's waterfall is one of those measurements,
-never a number inferred from the sampler. Each exact or approximate knob then gets its parity check
-(the baseline plus that knob against the baseline, `trainer.parity`); a method knob's quality is
-`unmeasured` here. The result is stored in the study (user attributes `explain` and `parity`) so
-status, export and the report can show it later.
+measured in interleaved rounds, each config read at its best round as `tuner confirm` reads it. Every
+bar in the report's waterfall is one of those measurements, never a number inferred from the sampler.
+Each exact or approximate knob then gets its parity check (the baseline plus that knob against the
+baseline, `trainer.parity`); a method knob's quality is `unmeasured` here. The result is stored in the
+study (user attributes `explain` and `parity`) so status, export and the report can show it later.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ run in this process, one at a time, so no two measurements share the machine.
 
 from __future__ import annotations
 
-import statistics
 from typing import Callable
 
 from trainer.config import ConfigError, TrainConfig

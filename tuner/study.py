@@ -221,7 +221,8 @@ def baseline_params(space: SearchSpace) -> dict[str, Any]:
     for name, param in space.params.items():
         value, dist = value_of(name), param.distribution()
         internal = _internal(dist, value)  # NaN: not one of a categorical knob's choices
-        if internal == internal and dist._contains(internal) and all(c.holds(value_of(c.path)) for c in param.conditions()):
+        conditions_hold = all(c.holds(value_of(c.path)) for c in param.conditions())
+        if internal == internal and dist._contains(internal) and conditions_hold:
             params[name] = value
     return params
 
