@@ -48,25 +48,25 @@ class Live:
 
 
 def sample_params(trial: optuna.trial.Trial, space: SearchSpace, role: str) -> dict[str, Any]:
-    """Suggest each knob in file order, skipping knobs whose conditions fail (define-by-run)."""
-    only = set(baseline_params(space)) if role in REFERENCE_ROLES else None
+    """Suggest each knob in file order, skipping knobs whose conditions fail (define-by-run). The baseline's
+    trials suggest the knobs `baseline_params` gives them (it checks their conditions against the baseline)."""
+    only = baseline_params(space) if role in REFERENCE_ROLES else None
     base = space.base_config().to_dict()
     values: dict[str, Any] = {}
 
     def lookup(path: str) -> Any:
         if path in values:
             return values[path]
-        if only is not None and path in space.baseline:
-            return space.baseline[path]
         node: Any = base
         for part in path.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         return node
 
     for name, param in space.params.items():
-        if only is not None and name not in only:
-            continue
-        if not all(cond.holds(lookup(cond.path)) for cond in param.conditions()):
+        if only is not None:
+            if name not in only:
+                continue
+        elif not all(cond.holds(lookup(cond.path)) for cond in param.conditions()):
             continue
         dist = param.distribution()
         if isinstance(dist, optuna.distributions.CategoricalDistribution):
